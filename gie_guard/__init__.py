@@ -1,0 +1,40 @@
+"""gie_guard: keep unwanted concepts out of text-to-image generations while they are
+generated (GIE, "Growth Inhibitors for Erasure"), driven by YAML policies.
+
+    from gie_guard import Guard
+    guard = Guard(policy="nsfw")
+    images = guard(pipe, prompt="...").images
+"""
+
+from .errors import (
+    AdapterError,
+    ConceptError,
+    GuardedCallError,
+    GuardError,
+    PolicyError,
+    PolicyNotFoundError,
+    UnsupportedPipelineError,
+)
+from .guard import Guard, GuardedPipeline
+from .policy import Policy, PolicySnapshot, load_policy
+from .report import AppliedConcept, GuardReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "AppliedConcept",
+    "ConceptError",
+    "Guard",
+    "GuardError",
+    "GuardReport",
+    "GuardedCallError",
+    "GuardedPipeline",
+    "Policy",
+    "PolicyError",
+    "PolicyNotFoundError",
+    "PolicySnapshot",
+    "UnsupportedPipelineError",
+    "__version__",
+    "load_policy",
+]
