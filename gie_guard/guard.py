@@ -200,10 +200,12 @@ class Guard:
 
     @staticmethod
     def _report(snapshot: PolicySnapshot, plan: Plan, state: Any, compile_seconds: float, seconds: float) -> GuardReport:
+        measured = [state.first_step_attention[name] for name in plan.layer_names if name in state.first_step_attention] if state else []
         concepts = []
         for row, (spec, positions) in enumerate(zip(plan.concepts, plan.token_positions)):
             scales = tuple(float(plan.token_scales[row, p]) for p in positions)
-            concepts.append(AppliedConcept(spec.id, spec.text, positions, scales, spec.scale_source))
+            per_layer = tuple(float(layer[row, list(positions)].sum()) for layer in measured)
+            concepts.append(AppliedConcept(spec.id, spec.text, positions, scales, spec.scale_source, per_layer))
         return GuardReport(
             policy_name=snapshot.policy.name,
             policy_hash=snapshot.content_hash,

@@ -14,6 +14,18 @@ class AppliedConcept:
     token_positions: tuple[int, ...]  # slots of the concept's own tokens in its encoding
     token_scales: tuple[float, ...]  # w per kept token, in the order of token_positions
     scale_source: str  # "policy", or where an automatic scale came from
+    # at the first denoising step, per cross-attention layer (UNet order): the share of the
+    # concept's attention (softmax over its own encoding) that falls on its own tokens,
+    # averaged over heads, pixels and conditional rows. Empty when nothing was measured.
+    attention_per_layer: tuple[float, ...] = ()
+
+    @property
+    def attention(self) -> float | None:
+        """Mean over layers of ``attention_per_layer``: how strongly the image attends to the
+        concept at the first step."""
+        if not self.attention_per_layer:
+            return None
+        return sum(self.attention_per_layer) / len(self.attention_per_layer)
 
 
 @dataclass(frozen=True)

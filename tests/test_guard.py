@@ -84,6 +84,12 @@ def test_report_says_what_was_applied(sd_pipe):
     assert len(beach.token_positions) == len(sd_pipe.tokenizer.tokenize("sandy beach"))
     assert beach.token_scales == (3.0,) * len(beach.token_positions)
     assert report.added_seconds > 0 and report.call_seconds >= report.added_seconds
+    # the concepts' attention at step 0 is measured in every cross-attention layer, also
+    # when step 0 lies outside the window
+    layers = guard.plan_for(sd_pipe).layer_names
+    for concept in report.concepts:
+        assert len(concept.attention_per_layer) == len(layers) == 16
+        assert all(0.0 < a < 1.0 for a in concept.attention_per_layer)
 
 
 def test_steps_outside_the_window_are_untouched(sd_pipe):

@@ -41,10 +41,18 @@ class CallState:
     total_steps: int | None = None
     classifier_free_guidance: bool = True
     active: bool = False  # inhibit during this step
+    measure_first_step: bool = True  # record the concepts' attention at step 0 (adapter features)
     steps_inhibited: list[int] = field(default_factory=list)
     inhibitor_seconds: float = 0.0
     # per layer: concept keys and values, (C, heads, T, head_dim) each; computed once per call
     concept_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # per layer, at step 0: mean of each concept's attention map over heads, pixels and the
+    # conditional rows, (C, T); the adapter's features and the metrics' "measured attention"
+    first_step_attention: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def measuring(self) -> bool:
+        return self.measure_first_step and self.step == 0
 
     def begin_step(self, total_steps: int, classifier_free_guidance: bool) -> None:
         self.step += 1
@@ -100,9 +108,9 @@ class GrowthInhibitorProcessor:
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
-        if not self.state.active or encoder_hidden_states is None:
-            extra = {"temb": temb} if temb is not None else {}
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **extra, **kwargs)
+        state = self.state
+        if encoder_hidden_states is None or not (state.active or state.measuring):
+            return self._original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs)
 
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -111,34 +119,38 @@ class GrowthInhibitorProcessor:
         if input_ndim == 4:
             batch_size, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, text_len, _ = encoder_hidden_states.shape
+        batch_size = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        heads = attn.heads
+        head_dim = attn.to_k.out_features // heads
+        # (B, N, heads * d) -> (B, heads, N, d)
+        query = attn.to_q(hidden_states).view(batch_size, -1, heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        rows = state.conditional_rows(batch_size)
+        if state.measuring:
+            started = time.perf_counter()
+            state.first_step_attention[self.layer_name] = self._mean_concept_maps(attn, query[rows], heads, head_dim)
+            state.inhibitor_seconds += time.perf_counter() - started
+        if not state.active:
+            return self._original(attn, residual, encoder_hidden_states, attention_mask, temb, args, kwargs)
+
+        text_len = encoder_hidden_states.shape[1]
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, text_len, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        heads = attn.heads
-        head_dim = key.shape[-1] // heads
-        # (B, N, heads * d) -> (B, heads, N, d)
-        query = query.view(batch_size, -1, heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
+        key = attn.to_k(encoder_hidden_states).view(batch_size, -1, heads, head_dim).transpose(1, 2)
+        value = attn.to_v(encoder_hidden_states).view(batch_size, -1, heads, head_dim).transpose(1, 2)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
         out = self._attend(query, key, value, attention_mask, attn.scale)  # (B, heads, N, d)
         started = time.perf_counter()
-        rows = self.state.conditional_rows(batch_size)
         out[rows] -= self._inhibitor(attn, query[rows], heads, head_dim)
-        self.state.inhibitor_seconds += time.perf_counter() - started
+        state.inhibitor_seconds += time.perf_counter() - started
 
         out = out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query.dtype)
         out = attn.to_out[0](out)
@@ -148,6 +160,10 @@ class GrowthInhibitorProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def _original(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs):
+        extra = {"temb": temb} if temb is not None else {}  # SlicedAttnProcessor takes no temb
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **extra, **kwargs)
 
     def _attend(
         self,
@@ -184,6 +200,15 @@ class GrowthInhibitorProcessor:
             cached = (k, v)
             self.state.concept_kv[self.layer_name] = cached
         return cached
+
+    def _mean_concept_maps(self, attn: Any, query: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+        """Mean of softmax(Q K_c^T) over conditional rows, heads and pixels: (C, T)."""
+        k, _ = self._concept_kv(attn, heads, head_dim)
+        means = []
+        for kc in k:  # one concept at a time bounds memory to (Bc, heads, N, T)
+            maps = torch.softmax((query @ kc.transpose(-1, -2)).float() * attn.scale, dim=-1)
+            means.append(maps.mean(dim=(0, 1, 2)))
+        return torch.stack(means)
 
     def _inhibitor(self, attn: Any, query: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
         """sum_c M_c @ (w_c * V_c) for the conditional queries ``(Bc, heads, N, d)``."""
