@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             setup_authors, latents.repeat(2, 1, 1, 1), text.repeat(2, 1, 1))
 
     times: dict[str, list[float]] = {k: [] for k in variants}
+    # CPU seconds of this process: on a shared CPU machine they move far less with the
+    # neighbours' load than wall seconds do
+    cpu_times: dict[str, list[float]] = {k: [] for k in variants}
     peaks: dict[str, float] = {}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
@@ -162,25 +165,30 @@ def main(argv: list[str] | None = None) -> int:
                 setup()
                 baseline = peak_memory_reset(device)
                 sync()
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 unet(x, t, encoder_hidden_states=ehs)
                 sync()
                 if rep:
                     times[name].append(time.perf_counter() - started)
+                    cpu_times[name].append(time.process_time() - cpu_started)
                     # memory the step itself needed above what was resident before it (weights, inputs)
                     peaks[name] = max(peaks.get(name, 0.0), peak_memory_mib(device) - baseline)
                 print(f"  round {rep} {name}: {time.perf_counter() - started:.3f}s", file=sys.stderr)
     unet.set_attn_processor(dict(originals))
 
     base = statistics.median(times["unguarded"])
+    cpu_base = statistics.median(cpu_times["unguarded"])
     print(f"\nSD 1.5 UNet architecture (random weights), {args.size} px, CFG batch 2, "
           f"{args.device} {args.dtype}, median of {args.repeats} steps, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads\n")
-    print("| variant | s / step | ratio to unguarded | step peak memory MiB | memory ratio |")
-    print("|---|---|---|---|---|")
+    print("| variant | wall s / step | wall ratio | CPU s / step | CPU ratio | step peak memory MiB | memory ratio |")
+    print("|---|---|---|---|---|---|---|")
     for name in variants:
-        med = statistics.median(times[name])
-        print(f"| {name} | {med:.3f} | {med / base:.3f} | {peaks[name]:.0f} | {peaks[name] / peaks['unguarded']:.3f} |")
+        med, cpu = statistics.median(times[name]), statistics.median(cpu_times[name])
+        print(
+            f"| {name} | {med:.3f} | {med / base:.3f} | {cpu:.3f} | {cpu / cpu_base:.3f} "
+            f"| {peaks[name]:.0f} | {peaks[name] / peaks['unguarded']:.3f} |"
+        )
     return 0
 
 

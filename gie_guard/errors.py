@@ -45,8 +45,8 @@ class PolicyError(GuardError, ValueError):
             where += f":{self.line}"
             if self.column is not None:
                 where += f":{self.column}"
-        at = f" at {self.place}" if self.place else ""
-        return f"{where}:{at} {self.problem}".replace(":: ", ": ")
+        at = f" {self.place}:" if self.place else ""
+        return f"{where}:{at} {self.problem}"
 
 
 class PolicyNotFoundError(PolicyError, LookupError):

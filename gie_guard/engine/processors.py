@@ -42,6 +42,7 @@ class CallState:
     classifier_free_guidance: bool = True
     active: bool = False  # inhibit during this step
     measure_first_step: bool = True  # record the concepts' attention at step 0 (adapter features)
+    probing: bool = False  # an extra UNet evaluation (adapter probe pass) is running: not a step
     steps_inhibited: list[int] = field(default_factory=list)
     inhibitor_seconds: float = 0.0
     # per layer: concept keys and values, (C, heads, T, head_dim) each; computed once per call
@@ -189,7 +190,8 @@ class GrowthInhibitorProcessor:
     def _concept_kv(self, attn: Any, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self.state.concept_kv.get(self.layer_name)
         if cached is None:
-            embeds = self.state.embeddings  # (C, T, D)
+            weight = attn.to_k.weight  # with model offloading the layer's device is only known now
+            embeds = self.state.embeddings.to(device=weight.device, dtype=weight.dtype)  # (C, T, D)
             if attn.norm_cross:
                 embeds = attn.norm_encoder_hidden_states(embeds)
             c, t, _ = embeds.shape
@@ -213,7 +215,7 @@ class GrowthInhibitorProcessor:
     def _inhibitor(self, attn: Any, query: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
         """sum_c M_c @ (w_c * V_c) for the conditional queries ``(Bc, heads, N, d)``."""
         k, v = self._concept_kv(attn, heads, head_dim)
-        scales = self.state.token_scales.to(v.dtype)  # (C, T)
+        scales = self.state.token_scales.to(device=v.device, dtype=v.dtype)  # (C, T)
         v = v * scales[:, None, :, None]  # zero rows on start/end/padding slots
         c = k.shape[0]
         bc, _, n, _ = query.shape
