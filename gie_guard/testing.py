@@ -19,6 +19,7 @@ import torch
 
 __all__ = [
     "minilm_tokenizer",
+    "tiny_clip_tokenizer",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
     "TOKENIZER_MAX_LENGTH",
@@ -47,18 +48,54 @@ def minilm_tokenizer(max_length: int = TOKENIZER_MAX_LENGTH):
     return tokenizer
 
 
+# words the tiny CLIP vocabulary can spell in one token each; anything else falls apart into characters
+_CLIP_WORDS = ("a", "photo", "of", "nude", "naked", "car", "cat", "dog", "van", "gogh", "beach", "painting", "person")
+
+
+def tiny_clip_tokenizer(pad_token: str = "<|endoftext|>", directory: str | pathlib.Path | None = None):
+    """A real ``transformers.CLIPTokenizer`` (byte-level BPE, ``<|startoftext|>``/``<|endoftext|>``)
+    over a tiny vocabulary: the 512 byte symbols plus a few whole words. ``pad_token`` is
+    ``"<|endoftext|>"`` as in SD 1.x, or ``"!"`` as in SD 2.x (id 0)."""
+    import json
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    # GPT-2's reversible byte -> printable-character table, which CLIP's BPE vocabulary uses
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    others = [b for b in range(256) if b not in printable]
+    symbols = [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]  # CLIP's order: "!" is id 0
+    vocab = symbols + [c + "</w>" for c in symbols]
+    merges = []
+    for word in _CLIP_WORDS:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            vocab.append(parts[0] + parts[1])
+            parts = [parts[0] + parts[1]] + parts[2:]
+    vocab = list(dict.fromkeys(vocab + ["<|startoftext|>", "<|endoftext|>"]))
+    folder = pathlib.Path(directory or tempfile.mkdtemp(prefix="gie-guard-clip-"))
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=TOKENIZER_MAX_LENGTH
+    )
+
+
 def _text_encoder(tokenizer, *, with_projection: bool = False, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     config = CLIPTextConfig(
-        vocab_size=tokenizer.vocab_size,
+        vocab_size=len(tokenizer),
         hidden_size=_TEXT_HIDDEN,
         intermediate_size=37,
         num_attention_heads=4,
         num_hidden_layers=2,
         max_position_embeddings=TOKENIZER_MAX_LENGTH,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,  # pooled output is read at the end token
+        bos_token_id=start,
+        eos_token_id=end,  # pooled output is read at the end token
         pad_token_id=tokenizer.pad_token_id,
         projection_dim=_TEXT_HIDDEN,
         hidden_act="gelu",
@@ -102,11 +139,14 @@ def tiny_sd_pipeline(
     *,
     seed: int = 0,
     sample_size: int = 8,
+    tokenizer=None,
 ):
     """A Stable Diffusion 1.x-topology pipeline (16 cross-attention layers), random weights.
 
     Images are ``sample_size`` pixels square (the tiny VAE does not downsample), latents
     ``(4, sample_size, sample_size)``. ``kind`` picks text-to-image, img2img or inpainting.
+    ``tokenizer`` defaults to :func:`minilm_tokenizer`; :func:`tiny_clip_tokenizer` gives a
+    real CLIP tokenizer padded as SD 1.x or SD 2.x.
     """
     from diffusers import (
         StableDiffusionImg2ImgPipeline,
@@ -129,7 +169,7 @@ def tiny_sd_pipeline(
         attention_head_dim=8,
         norm_num_groups=32,
     ).eval()
-    tokenizer = minilm_tokenizer()
+    tokenizer = tokenizer or minilm_tokenizer()
     components = dict(
         unet=unet,
         vae=_vae(seed),
