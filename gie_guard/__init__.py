@@ -16,8 +16,11 @@ from .errors import (
     UnsupportedPipelineError,
 )
 from .guard import Guard, GuardedPipeline
+from .metrics import GuardMetrics, SuppressionRule
 from .policy import Policy, PolicySnapshot, load_policy
 from .report import AppliedConcept, GuardReport
+from .serving import start_metrics_server
+from .verifiers import ContentBlockedError, Verifier
 
 __version__ = "0.1.0"
 
@@ -25,8 +28,10 @@ __all__ = [
     "AdapterError",
     "AppliedConcept",
     "ConceptError",
+    "ContentBlockedError",
     "Guard",
     "GuardError",
+    "GuardMetrics",
     "GuardReport",
     "GuardedCallError",
     "GuardedPipeline",
@@ -34,7 +39,10 @@ __all__ = [
     "PolicyError",
     "PolicyNotFoundError",
     "PolicySnapshot",
+    "SuppressionRule",
     "UnsupportedPipelineError",
+    "Verifier",
     "__version__",
     "load_policy",
+    "start_metrics_server",
 ]

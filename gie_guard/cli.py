@@ -190,6 +190,7 @@ def _add_explain(commands: argparse._SubParsersAction) -> None:
     explain.add_argument("--columns", type=int, default=8, help="steps shown (default: 8)")
     explain.add_argument("--pipeline", choices=("auto", "shapes", "tiny"), default="auto",
                          help="model: the shapes world, the tiny random one, or shapes when its weights exist")
+    explain.add_argument("--weights", help="folder of shapes-world weights (default: the packaged ones)")
     explain.set_defaults(handler=_explain)
 
 

@@ -8,6 +8,8 @@ Every error derives from :class:`GuardError`, so ``except GuardError`` catches a
     ├── ConceptError             a concept cannot be encoded for this pipeline (concept id)
     ├── UnsupportedPipelineError the generator cannot be hooked: nothing is generated unguarded
     ├── GuardedCallError         the guarded call could not be guarded as asked (step window, state)
+    ├── ContentBlockedError      a verifier found a concept whose action is `block`; output withheld
+    │                            (defined in gie_guard.verifiers, it carries the call's report)
     └── AdapterError             an adapter file is unusable (file, problem)
 
 Each error keeps the context a user needs as attributes, and its message names it.

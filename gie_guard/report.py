@@ -18,6 +18,7 @@ class AppliedConcept:
     # concept's attention (softmax over its own encoding) that falls on its own tokens,
     # averaged over heads, pixels and conditional rows. Empty when nothing was measured.
     attention_per_layer: tuple[float, ...] = ()
+    adapter: str | None = None  # for `scale: auto`: the adapter that chose token_scales (name@fingerprint)
 
     @property
     def attention(self) -> float | None:
@@ -42,6 +43,8 @@ class GuardReport:
     classifier_free_guidance: bool | None  # None when nothing was installed
     added_seconds: float  # guard's own work: plan compilation (first call) + inhibitor attention
     call_seconds: float  # wall time of the whole guarded call
+    scale_inference_seconds: float = 0.0  # adapters: probe pass + prediction (part of added_seconds)
+    feature_pass: str | None = None  # adapters: "probe" or "reuse" when an adapter set a scale
 
     @property
     def concept_ids(self) -> tuple[str, ...]:

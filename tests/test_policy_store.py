@@ -148,3 +148,17 @@ def test_close_is_prompt(policy_file, embedder, watch):
 def test_watch_needs_a_file(embedder):
     with pytest.raises(ValueError, match="needs a policy file"):
         PolicyStore({"name": "x"}, watch=True, embedder=embedder)
+
+
+def test_a_reload_that_changes_only_verify_takes_effect(tmp_path):
+    from gie_guard.policy import PolicyStore
+
+    path = tmp_path / "p.yaml"
+    base = "name: p\ndedup_threshold: 0\nconcepts:\n  - {id: a, text: circle, scale: 3.0%s}\n"
+    path.write_text(base % "")
+    with PolicyStore(str(path)) as store:
+        first = store.current
+        path.write_text(base % ", verify: {verifier: shapes, action: block}")
+        assert store.reload()
+        assert store.current.content_hash != first.content_hash
+        assert store.current.policy.concepts[0].verify.action == "block"

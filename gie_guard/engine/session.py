@@ -50,6 +50,8 @@ def installed(pipe: Any, plan: Plan) -> Iterator[CallState | None]:
         guarded[name] = GrowthInhibitorProcessor(originals[name], name, state)
 
     def on_unet_forward(_module: Any, _args: Any) -> None:
+        if state.probing:  # the adapters' probe pass re-enters the UNet within step 0
+            return
         total, cfg = _pipeline_step_facts(pipe)
         state.begin_step(total, cfg)
 

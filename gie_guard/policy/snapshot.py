@@ -128,6 +128,8 @@ def content_hash(policy: Policy, concepts: Iterable[EffectiveConcept]) -> str:
             }
             for c in concepts
         ],
+        # what verifiers do after generation is part of what the policy does
+        "verify": {c.id: c.verify.model_dump() for c in policy.concepts if getattr(c, "verify", None) is not None},
     }
     blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()

@@ -1,0 +1,98 @@
+"""Architecture of the shapes model and `load_pipeline`, which builds it offline.
+
+A real `StableDiffusionPipeline`: 32x32 RGB images, an `AutoencoderKL` to 8x8x4 latents,
+a UNet with Stable Diffusion 1.x's block layout (16 cross-attention layers, so GIE sees
+the same number of layers and adapter features as on SD 1.x), DDIM sampling, and the
+frozen-MiniLM sink encoder (text_encoder.py) on 77-token prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from .text_encoder import SinkTextEncoder, load_tokenizer
+
+WEIGHTS_DIR = pathlib.Path(__file__).parent / "weights"
+LATENT_SIZE = 8  # 32 px / 4 (three encoder blocks)
+
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=16,
+    sample_size=32,
+)
+
+UNET_CONFIG = dict(
+    sample_size=LATENT_SIZE,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64, 64, 64),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    attention_head_dim=4,  # diffusers reads this as the number of heads
+    norm_num_groups=16,
+    cross_attention_dim=384,  # MiniLM's hidden size
+)
+
+# cosine noise schedule: better than SD's scaled-linear for tiny latents
+SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+
+
+def train_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(**SCHEDULE, clip_sample=False)
+
+
+def sample_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def new_vae() -> AutoencoderKL:
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+def new_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(**UNET_CONFIG)
+
+
+def assemble_pipeline(
+    vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: SinkTextEncoder, tokenizer
+) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sample_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pipeline(device: str | torch.device = "cpu", weights_dir: str | pathlib.Path | None = None) -> StableDiffusionPipeline:
+    """The trained shapes pipeline in float32 on `device`, built from the packaged weights."""
+    wdir = pathlib.Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    meta = json.loads((wdir / "model.json").read_text())
+    vae = new_vae()
+    vae.load_state_dict({k: v.float() for k, v in load_file(wdir / "vae.safetensors").items()})
+    vae.register_to_config(scaling_factor=meta["scaling_factor"])
+    unet = new_unet()
+    unet.load_state_dict({k: v.float() for k, v in load_file(wdir / "unet.safetensors").items()})
+    tokenizer = load_tokenizer()
+    text_encoder = SinkTextEncoder.create(tokenizer)
+    text_encoder.sink.data.copy_(load_file(wdir / "sink.safetensors")["sink"].float())
+    pipe = assemble_pipeline(vae.eval(), unet.eval(), text_encoder.eval(), tokenizer)
+    return pipe.to(device)

@@ -1,0 +1,189 @@
+"""Quality gate of the shapes model, judged by the detector, and its attention profile.
+
+    python -m gie_guard.shapes.quality [--n 200] [--weights DIR]
+
+Prints, for unguarded generations at fixed seeds, how often the prompted shape, colour
+and style are detected, the same for prompts that use held-out synonyms, the detector's
+own accuracy on fresh renders, and the share of cross-attention each token position
+receives (the start token should take most of it, as in Stable Diffusion).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import numpy as np
+import torch
+
+from .detector import Detector, attribute_accuracy, load_detector, render_labelled
+from .model import load_pipeline
+from .world import HELD_OUT_WORDS, SHAPES, COLOURS, STYLES, TRAIN_WORDS, Thing
+
+GATE = {"shape": 0.85, "colour": 0.85, "style": 0.70, "held-out": 0.60}
+GUIDANCE = 5.0
+STEPS = 20
+
+
+def prompt_for(thing: Thing, rng: np.random.Generator, held_out: str | None = None) -> str:
+    """"a {colour} [{style}] {shape}" with training words, except `held_out`'s attribute."""
+
+    def word(attr: str) -> str:
+        table = HELD_OUT_WORDS if attr == held_out else TRAIN_WORDS
+        return table[attr][rng.integers(len(table[attr]))]
+
+    style = "" if thing.style == "plain" else word(thing.style) + " "
+    return f"a {word(thing.colour)} {style}{word(thing.shape)}"
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seed: int, batch: int = 25) -> np.ndarray:
+    """(N, 32, 32, 3) uint8; image i uses generator seed `seed + i`."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        gens = [torch.Generator().manual_seed(seed + j) for j in range(i, min(i + batch, len(prompts)))]
+        images = pipe(prompts[i : i + batch], num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                      generator=gens, output_type="np").images
+        out.append(np.round(images * 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def quality_gate(pipe, detector: Detector, n: int = 200, seed: int = 0) -> dict[str, tuple[float, int]]:
+    """Detection rate of the prompted attributes: {row: (rate, number of prompts)}."""
+    rng = np.random.default_rng(seed)
+    things = [Thing(SHAPES[rng.integers(5)], COLOURS[rng.integers(5)], STYLES[rng.integers(3)]) for _ in range(n)]
+    found = detector(generate(pipe, [prompt_for(t, rng) for t in things], seed))
+    rows = {
+        kind: (float(np.mean([getattr(t, kind) in f for t, f in zip(things, found)])), n)
+        for kind in ("shape", "colour", "style")
+    }
+    # held-out synonyms: one attribute per prompt named by its held-out word
+    held = [a for a in HELD_OUT_WORDS]
+    attrs = [held[i % len(held)] for i in range(n // 2)]
+    held_things = [
+        Thing(a if a in SHAPES else SHAPES[rng.integers(5)], a if a in COLOURS else COLOURS[rng.integers(5)],
+              STYLES[rng.integers(3)])
+        for a in attrs
+    ]
+    prompts = [prompt_for(t, rng, held_out=a) for t, a in zip(held_things, attrs)]
+    found = detector(generate(pipe, prompts, seed + n))
+    hits = np.array([a in f for a, f in zip(attrs, found)])
+    rows["held-out"] = (float(hits.mean()), len(attrs))
+    for a in held:
+        sel = [i for i, x in enumerate(attrs) if x == a]
+        rows[f"  {HELD_OUT_WORDS[a][0]} ({a})"] = (float(hits[sel].mean()), len(sel))
+    return rows
+
+
+class _RecordingProcessor:
+    """Plain cross-attention that also records the attention each token receives."""
+
+    def __init__(self, records: list[torch.Tensor]):
+        self.records = records
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        b = hidden_states.shape[0]
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B*heads, N, d)
+        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))  # (B*heads, T, d)
+        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(q, k, attention_mask)  # (B*heads, N, T)
+        self.records.append(probs.view(b, attn.heads, *probs.shape[1:]).mean(dim=1))  # (B, N, T)
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+@torch.no_grad()
+def _record(pipe, prompt: str, seed: int) -> tuple[list[torch.Tensor], np.ndarray]:
+    """Cross-attention maps (N, T) of the conditional row, for every layer call in UNet
+    order and every step, and the generated image (32, 32, 3) uint8."""
+    records: list[torch.Tensor] = []
+    saved = pipe.unet.attn_processors
+    pipe.unet.set_attn_processor({
+        name: _RecordingProcessor(records) if name.endswith("attn2.processor") else proc
+        for name, proc in saved.items()
+    })
+    try:
+        image = pipe(prompt, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                     generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+    finally:
+        pipe.unet.set_attn_processor(saved)
+    return [r[-1] for r in records], np.round(image * 255).astype(np.uint8)  # last row: conditional
+
+
+def _tokens(pipe, prompt: str) -> list[str]:
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length).input_ids
+    return pipe.tokenizer.convert_ids_to_tokens(ids)
+
+
+def token_attention(pipe, prompt: str, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """Tokens of `prompt` (77) and the mean cross-attention each receives, averaged over
+    all cross-attention layers, heads, pixels and denoising steps, conditional rows only."""
+    maps, _ = _record(pipe, prompt, seed)
+    share = torch.stack([m.mean(0) for m in maps]).mean(0).numpy()
+    return _tokens(pipe, prompt), share
+
+
+def concept_locality(pipe, prompt: str, seed: int = 0) -> dict[str, float]:
+    """Per real token: its mean attention on the object's latent pixels divided by its mean
+    attention on background pixels, in the 8x8 cross-attention layers (>1: local)."""
+    maps, image = _record(pipe, prompt, seed)
+    side = pipe.unet.config.sample_size
+    full = torch.stack([m for m in maps if m.shape[0] == side * side]).mean(0)  # (64, T)
+    # object = pixels far from the corner (background) colour, pooled to the latent grid
+    diff = np.abs(image.astype(np.float32) - image[0, 0].astype(np.float32)).sum(-1) > 60
+    f = image.shape[0] // side
+    obj = torch.from_numpy(diff.reshape(side, f, side, f).mean(axis=(1, 3)).reshape(-1) > 0.5)
+    if obj.all() or not obj.any():
+        raise ValueError(f"no separable object in the image for {prompt!r}")
+    special = set(pipe.tokenizer.all_special_tokens)
+    return {
+        tok: float(full[obj, i].mean() / full[~obj, i].mean())
+        for i, tok in enumerate(_tokens(pipe, prompt)) if tok not in special
+    }
+
+
+def attention_summary(pipe, prompt: str) -> dict[str, float]:
+    tokens, share = token_attention(pipe, prompt)
+    special = set(pipe.tokenizer.all_special_tokens)
+    summary = {"start": float(share[0])}
+    for i, tok in enumerate(tokens):
+        if tok not in special:
+            summary[tok] = float(share[i])
+    summary["end + pads"] = float(sum(s for t, s in zip(tokens[1:], share[1:]) if t in special))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", type=pathlib.Path, default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pipe = load_pipeline(weights_dir=args.weights)
+    detector = load_detector(args.weights / "detector.safetensors" if args.weights else None)
+
+    images, labels = render_labelled(np.random.default_rng(10_000 + args.seed), 1000)
+    acc = attribute_accuracy(detector, images, labels)
+    print("detector on 1000 fresh renders: mean per-attribute %.4f, exact set %.3f" % (acc["mean"], acc["exact"]))
+    print("  " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items() if k not in ("mean", "exact")))
+
+    print(f"\nquality gate ({STEPS} DDIM steps, guidance {GUIDANCE}):")
+    print(f"{'row':24s} {'rate':>6s} {'n':>5s} {'gate':>6s}")
+    for row, (rate, n) in quality_gate(pipe, detector, args.n, args.seed).items():
+        gate = GATE.get(row)
+        verdict = "" if gate is None else f"{gate:6.2f} {'met' if rate >= gate else 'MISSED'}"
+        print(f"{row:24s} {rate:6.3f} {n:5d} {verdict}")
+
+    print("\ncross-attention share (all layers, heads, pixels, steps; conditional rows):")
+    for prompt in ("a red circle", "a blue striped star"):
+        summary = attention_summary(pipe, prompt)
+        print(f"  {prompt!r}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+        local = concept_locality(pipe, prompt)
+        print("    object/background attention ratio (8x8 layers): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in local.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Train the shapes model from a seed: autoencoder, then UNet (+ sink vector), then detector.
+
+    python -m gie_guard.shapes.train --seed 0 --out DIR [--minutes M]
+
+Step counts are fixed (so a seed reproduces the model); --minutes is a safety cap that
+stops the UNet stage early. Weights are written to DIR in float16 every few hundred UNet
+steps, so an interrupted run still leaves a usable model. Copy DIR's files into
+gie_guard/shapes/weights/ to ship them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from . import detector as det
+from .model import new_unet, new_vae, train_scheduler
+from .text_encoder import SinkTextEncoder, load_tokenizer
+from .world import describe, render, sample_scene
+
+P_TWO = 0.2  # share of two-thing scenes
+P_NO_COLOUR = 0.1  # captions that leave the colour unsaid
+P_EMPTY = 0.1  # empty captions, for classifier-free guidance
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, 32, 32, 3) uint8 -> (N, 3, 32, 32) float in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def half_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().half().contiguous() for k, v in module.state_dict().items()}
+
+
+class Log:
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        self.t0 = time.time()
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.time() - self.t0:7.1f}s] {msg}"
+        print(line, flush=True)
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+
+
+def train_vae(rng: np.random.Generator, steps: int, batch: int, log: Log):
+    vae = new_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    for step in range(steps):
+        x = to_tensor(np.stack([render(sample_scene(rng, P_TWO), rng) for _ in range(batch)]))
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        # L1 keeps stripes and dots sharp; a tiny KL weight keeps the code bounded
+        loss = F.mse_loss(rec, x) + F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step} loss {loss.item():.5f}")
+    vae.eval()
+    return vae
+
+
+@torch.no_grad()
+def build_pool(vae, rng: np.random.Generator, n: int):
+    """n scenes with their latents (n, 4, 8, 8), and the latents' scaling factor."""
+    scenes = [sample_scene(rng, P_TWO) for _ in range(n)]
+    latents = []
+    for i in range(0, n, 256):
+        x = to_tensor(np.stack([render(s, rng) for s in scenes[i : i + 256]]))
+        latents.append(vae.encode(x).latent_dist.mean)
+    latents = torch.cat(latents)
+    scale = 1.0 / latents.std().item()
+    return scenes, latents * scale, scale
+
+
+class CaptionStates:
+    """Frozen MiniLM token states per caption, cached for the (few) single-thing captions."""
+
+    def __init__(self, encoder: SinkTextEncoder, tokenizer):
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str], cacheable: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, 77) and MiniLM states (B, 77, 384), zero past each caption's end."""
+        ids = self.tokenizer(
+            captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids
+        states = torch.zeros(len(captions), ids.shape[1], self.encoder.config.hidden_size)
+        missing = [i for i, c in enumerate(captions) if c not in self.cache]
+        fresh_rows = set(missing)
+        if missing:
+            sub = ids[missing]
+            length = int((sub != self.tokenizer.pad_token_id).sum(1).max())
+            fresh = self.encoder.token_states(sub)[:, :length]  # zero past `length`
+            for j, i in enumerate(missing):
+                states[i, :length] = fresh[j]
+                if cacheable[i]:
+                    self.cache[captions[i]] = fresh[j].half()
+        for i, c in enumerate(captions):
+            if i not in fresh_rows:
+                cached = self.cache[c]
+                states[i, : cached.shape[0]] = cached.float()
+        return ids, states
+
+
+def train_unet(
+    scenes, latents, encoder: SinkTextEncoder, tokenizer, rng: np.random.Generator, steps: int,
+    batch: int, deadline: float, out: pathlib.Path, log: Log,
+):
+    torch.manual_seed(int(rng.integers(2**31)))
+    unet = new_unet()
+    ema = new_unet()
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    # the sink starts at about 3x a token state's norm (about 30): an easy winner over the 75
+    # zero end/pad slots wherever the UNet wants to attend to nothing in particular
+    with torch.no_grad():
+        encoder.sink.copy_(torch.randn(encoder.config.hidden_size) * 1.5)
+    ema_sink = encoder.sink.detach().clone()
+    params = list(unet.parameters()) + [encoder.sink]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    warmup = 100
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    noise_sched = train_scheduler()
+    texts = CaptionStates(encoder, tokenizer)
+    running = None
+
+    def save(step: int) -> None:
+        save_file(half_state(ema), out / "unet.safetensors")
+        save_file({"sink": ema_sink.half()}, out / "sink.safetensors")
+        log(f"saved EMA weights at step {step}")
+
+    for step in range(steps):
+        idx = rng.integers(len(scenes), size=batch)
+        captions, cacheable = [], []
+        for i in idx:
+            empty = rng.random() < P_EMPTY
+            captions.append("" if empty else describe(scenes[i], rng, p_no_colour=P_NO_COLOUR))
+            cacheable.append(len(scenes[i].things) == 1 or empty)
+        ids, states = texts(captions, cacheable)
+        context = encoder.assemble(ids, states)  # (B, 77, 384), sink at position 0
+        x0 = latents[idx]
+        noise = torch.randn_like(x0)
+        t = torch.from_numpy(rng.integers(0, noise_sched.config.num_train_timesteps, size=batch))
+        xt = noise_sched.add_noise(x0, noise, t)
+        loss = F.mse_loss(unet(xt, t, context).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+            ema_sink.lerp_(encoder.sink.detach(), 1 - decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"unet step {step} loss {loss.item():.4f} ema-loss {running:.4f} lr {sched.get_last_lr()[0]:.2e}")
+        if (step + 1) % 250 == 0:
+            save(step + 1)
+        if time.time() > deadline:
+            log(f"time cap reached at step {step + 1}")
+            save(step + 1)
+            return step + 1, running
+    save(steps)
+    return steps, running
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=pathlib.Path, required=True)
+    ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock cap for the whole run")
+    ap.add_argument("--vae-steps", type=int, default=600)
+    ap.add_argument("--unet-steps", type=int, default=1600)
+    ap.add_argument("--detector-steps", type=int, default=600)
+    ap.add_argument("--pool", type=int, default=20000, help="scenes the UNet trains on")
+    # one thread: on a shared 2-core machine two threads spin-wait on each other (measured 10-40x slower)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = Log(args.out / "train.log")
+    start = time.time()
+    log(f"args {vars(args)}")
+
+    vae = train_vae(rng, args.vae_steps, 64, log)
+    save_file(half_state(vae), args.out / "vae.safetensors")
+    scenes, latents, scale = build_pool(vae, rng, args.pool)
+    meta = {"scaling_factor": scale, "seed": args.seed}
+    (args.out / "model.json").write_text(json.dumps(meta, indent=1))
+    log(f"latent pool {tuple(latents.shape)}, scaling factor {scale:.4f}")
+
+    tokenizer = load_tokenizer()
+    encoder = SinkTextEncoder.create(tokenizer)
+    # keep a tenth of the cap for the detector
+    deadline = start + args.minutes * 60 * 0.9
+    done, loss = train_unet(scenes, latents, encoder, tokenizer, rng, args.unet_steps, 64, deadline, args.out, log)
+
+    detector, accuracy = det.train_detector(rng, args.detector_steps, vae, log)
+    save_file(half_state(detector), args.out / "detector.safetensors")
+    meta.update(unet_steps=done, final_loss=loss, detector_accuracy=accuracy, wall_minutes=(time.time() - start) / 60)
+    (args.out / "model.json").write_text(json.dumps(meta, indent=1))
+    log(f"done: {meta}")
+
+
+if __name__ == "__main__":
+    main()
