@@ -208,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-windows", default="0-0.5,0-0.8,0-1")
     parser.add_argument("--sweep-seeds", default="0:8", help="seeds for the scale/window sweep (fewer)")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (one is fastest on a shared 2-core machine)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     start, end = (int(x) for x in args.seeds.split(":"))
     sweep_seeds = range(*(int(x) for x in args.sweep_seeds.split(":")))
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]

@@ -1,0 +1,34 @@
+"""Scale adapters: per-prompt suppression scales predicted from first-step cross-attention
+(GIE section 4.2). See docs/adapters.md.
+
+    from gie_guard.adapters import load_adapter, AdapterLibrary
+    adapter = load_adapter("adapters/shapes-circle.safetensors", pipeline=pipe)
+    guard = Guard(policy=..., adapters=["my_adapters/"])   # for `scale: auto` concepts
+"""
+
+from .format import FORMAT_VERSION, AdapterHeader, load_adapter, read_header, save_adapter
+from .model import Fingerprint, MLPAdapter, ScaleAdapter, ScaleMLP, resolve_scales
+from .selection import AdapterLibrary, AutoChoice, shipped_adapter_dir
+from .features import AutoScaleResult, ScaleInference, check_feature_pass, measure_features, scale_inference, token_features
+
+__all__ = [
+    "FORMAT_VERSION",
+    "AdapterHeader",
+    "AdapterLibrary",
+    "AutoChoice",
+    "AutoScaleResult",
+    "Fingerprint",
+    "MLPAdapter",
+    "ScaleAdapter",
+    "ScaleInference",
+    "ScaleMLP",
+    "check_feature_pass",
+    "load_adapter",
+    "measure_features",
+    "read_header",
+    "resolve_scales",
+    "save_adapter",
+    "scale_inference",
+    "shipped_adapter_dir",
+    "token_features",
+]
