@@ -9,7 +9,9 @@ import pathlib
 import pytest
 import torch
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: on a shared 2-core machine two torch threads were 10-40x slower for these
+# small models than one (measured while other jobs ran); alone, one thread costs little.
+torch.set_num_threads(1)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

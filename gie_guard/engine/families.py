@@ -68,7 +68,9 @@ def detect_family(pipe: Any) -> Family:
 
 
 def cross_attention_layers(unet: torch.nn.Module) -> tuple[str, ...]:
-    """Processor names of the UNet's cross-attention layers, in UNet order (down, mid, up)."""
+    """Processor names of the UNet's cross-attention layers, in the order of
+    ``unet.attn_processors`` (down blocks, up blocks, then the mid block): the order adapter
+    features and fingerprints use."""
     names = []
     for name in unet.attn_processors:
         module = unet.get_submodule(name.removesuffix(".processor"))
