@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-windows", default="0-0.5,0-0.8,0-1")
     parser.add_argument("--sweep-seeds", default="0:8", help="seeds for the scale/window sweep (fewer)")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--sweep-only", action="store_true", help="stop after the scale/window sweep")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (one is fastest on a shared 2-core machine)")
     args = parser.parse_args(argv)
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         best_scale[target] = args.scale or min(s for r, _, s in candidates if r >= top - 0.05)
 
     # 2. the paper's Table 2 analogue per target: removal by prompted word, GIE and baselines
-    for target in targets:
+    for target in [] if args.sweep_only else targets:
         cols = columns_for(kind_of(target))
         scale = best_scale[target]
         methods = {f"GIE w={scale:g}": gie([target], scale, window)}
@@ -297,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         groups.append([shapes[0], styles[0]])
     if len(targets) >= 4:
         groups.append(targets[:4])
+    if args.sweep_only:
+        groups = []
     if groups:
         shown = sorted({t for g in groups for t in g}, key=targets.index)
         md.append("\n## Several concepts at once\n\nremoval on each target's own prompts; kept = attributes kept on "
@@ -319,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
 
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     (args.out / "results.md").write_text("\n".join(md) + "\n")
-    grid(bench, targets, best_scale, window, args.out / "grid.png", baselines=not args.no_baselines)
+    if not args.sweep_only:
+        grid(bench, targets, best_scale, window, args.out / "grid.png", baselines=not args.no_baselines)
     print("\n".join(md))
     log(f"wrote {args.out}/results.json, results.md, grid.png")
     return 0

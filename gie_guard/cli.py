@@ -163,7 +163,7 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
 
 def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser("demo", help="generate one prompt unguarded and guarded, side by side")
-    demo.add_argument("--prompt", default="a red circle and a blue square", help="the prompt to generate")
+    demo.add_argument("--prompt", default="a red circle", help="the prompt to generate (default: a red circle)")
     demo.add_argument("--policy", default="shapes-demo", help="policy file or shipped name (default: shapes-demo)")
     demo.add_argument("--out", default="gie-guard-demo.png", help="where to write the PNG (default: gie-guard-demo.png)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
