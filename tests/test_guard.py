@@ -289,3 +289,24 @@ def test_step_count_mismatch_withholds_the_output(sd_pipe):
     odd = ExtraUNetCall(**sd_pipe.components)
     with pytest.raises(GuardedCallError, match="ran its UNet 5 times for 4"):
         run(odd, Guard(policy=STRONG))
+
+
+def test_real_i2p_prompts_longer_than_the_encoder_limit(sd_pipe):
+    """Real I2P prompts (emoji, odd punctuation, over 77 tokens) are truncated by the
+    pipeline as usual; the guard needs no token slot of the prompt, so it still applies."""
+    import csv
+
+    from conftest import SHARED_DATA
+
+    path = SHARED_DATA / "unsafe-prompts4703.csv"
+    if not path.exists():
+        pytest.skip(f"{path} (the shared prompt corpora) is not beside this checkout")
+    with path.open(newline="", encoding="utf-8") as f:
+        prompts = [row["prompt"] for row in csv.DictReader(f)]
+    lengths = [len(sd_pipe.tokenizer(p).input_ids) for p in prompts]
+    longest = [p for _, p in sorted(zip(lengths, prompts), key=lambda x: -x[0])[:3]]
+    assert min(len(sd_pipe.tokenizer(p).input_ids) for p in longest) > 77
+    guard = Guard(policy={"name": "nsfw-mini", "concepts": [{"id": "nudity", "text": "nude", "scale": 5.0}]})
+    guarded = run(sd_pipe, guard, prompt=longest)
+    assert np.abs(guarded - run(sd_pipe, prompt=longest)).max() > 1e-3
+    assert guard.last_report.concept_ids == ("nudity",)
