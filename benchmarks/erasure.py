@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(range(start, end), args.out)
     window = tuple(float(x) for x in args.window.split(","))
     rows: list[dict] = []
-    md: list[str] = [f"# Erasure on the shapes-world model\n\nseeds {start}:{end}, {STEPS} DDIM steps, guidance {GUIDANCE}\n"]
+    md: list[str] = [f"# Erasure on the shapes-world model\n\nseeds {start}:{end} per prompted word (sweep: {args.sweep_seeds}), "
+                     f"{STEPS} DDIM steps, guidance {GUIDANCE}, command: `python benchmarks/erasure.py {' '.join(argv or sys.argv[1:])}`\n"]
     t0 = time.perf_counter()
 
     def log(msg: str) -> None:
