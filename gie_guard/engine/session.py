@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import GuardedCallError
 from .plan import Plan
-from .processors import CallState, GrowthInhibitorProcessor, check_processor_supported
+from .processors import CallState, GrowthInhibitorProcessor
 
 
 def _pipeline_step_facts(pipe: Any) -> tuple[int, bool]:
@@ -37,8 +37,6 @@ def installed(pipe: Any, plan: Plan) -> Iterator[CallState | None]:
         return
     unet = pipe.unet
     originals = dict(unet.attn_processors)
-    for name in plan.layer_names:
-        check_processor_supported(name, originals[name])
     state = CallState(
         embeddings=plan.embeddings.to(device=unet.device, dtype=unet.dtype),
         token_scales=plan.token_scales.to(device=unet.device),
@@ -46,6 +44,7 @@ def installed(pipe: Any, plan: Plan) -> Iterator[CallState | None]:
         window_end=plan.window.end,
     )
     guarded = dict(originals)
+    # each processor refuses an attention processor it cannot reproduce, before anything is installed
     for name in plan.layer_names:
         guarded[name] = GrowthInhibitorProcessor(originals[name], name, state)
 
