@@ -1,9 +1,11 @@
 """Guard: the object an application holds. It owns the live policy, compiles it for each
-pipeline it meets, and wraps every generator call in growth-inhibitor processors."""
+pipeline it meets, and runs every generator call through the engine (gie_guard.engine)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import threading
 import time
@@ -11,27 +13,17 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from .adapters import AdapterLibrary, AutoChoice, Fingerprint, check_feature_pass, scale_inference
-from .engine import ConceptSpec, Plan, StepWindow, compile_plan, detect_family, installed
-from .errors import GuardedCallError, GuardError, PolicyError
-from .policy import PolicySnapshot, PolicyStore
+from .adapters import AdapterLibrary, AdapterScales, AutoChoice, Fingerprint, check_feature_pass
+from .engine import CallRecord, ConceptSpec, Plan, StepWindow, compile_plan, family_for, guarded_call
+from .errors import ConfigurationError, ContentBlockedError, GuardError, PolicyError
 from .metrics import GuardMetrics
-from .report import AppliedConcept, GuardReport
-from .verifiers import ContentBlockedError, Verifier, check_verifiers, default_verifiers, run_verifiers
+from .policy import PolicySnapshot, PolicyStore
+from .report import AppliedConcept, GuardedOutput, GuardReport
+from .verifiers import Verifier, check_verifiers, default_verifiers, run_verifiers
 
 logger = logging.getLogger("gie_guard")
 
-# One lock per pipeline: a pipeline (its scheduler, its processors) serves one call at a time.
-_PIPELINE_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
-_PIPELINE_LOCKS_GUARD = threading.Lock()
-
-
-def _pipeline_lock(pipe: Any) -> threading.RLock:
-    with _PIPELINE_LOCKS_GUARD:
-        lock = _PIPELINE_LOCKS.get(pipe)
-        if lock is None:
-            lock = _PIPELINE_LOCKS[pipe] = threading.RLock()
-        return lock
+_SINKS = (None, "own", "prompt", "image")
 
 
 def _unguarded_call(pipe: Any) -> Callable[..., Any]:
@@ -40,29 +32,62 @@ def _unguarded_call(pipe: Any) -> Callable[..., Any]:
     return base.__call__.__get__(pipe)
 
 
+def _encoder_state(pipe: Any, kwargs: Mapping[str, Any]) -> tuple:
+    """What changes concept encodings between calls: text-encoder weights (LoRA loaded or
+    fused, adapters switched: parameter identities and in-place versions), a LoRA scale
+    passed to this call, and tokens added to a tokenizer (textual inversion)."""
+    state: list[Any] = []
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, name, None)
+        if module is None or not hasattr(module, "parameters"):
+            continue
+        params = list(module.parameters())
+        state.append((name, id(module), hash(tuple(map(id, params))), sum(p._version for p in params)))
+        active = getattr(module, "active_adapters", None)
+        if callable(active):
+            with contextlib.suppress(Exception):
+                state.append(tuple(active()))
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tokenizer = getattr(pipe, name, None)
+        if tokenizer is not None:
+            state.append((name, len(tokenizer)))
+    for key in ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs"):
+        extra = kwargs.get(key) or {}
+        if isinstance(extra, Mapping) and "scale" in extra:
+            state.append((key, float(extra["scale"])))
+    if "lora_scale" in kwargs:
+        state.append(("lora_scale", kwargs["lora_scale"]))
+    return tuple(state)
+
+
 class Guard:
     """Guard generator calls with a concept policy.
 
     ``policy`` is the name of a shipped policy (``"nsfw"``), a path to a YAML file, a
     :class:`~gie_guard.policy.Policy` or a plain dict. With ``watch=True`` the file is
-    watched and reloaded when its content changes; a broken file on reload keeps the last
-    good policy live.
+    watched and reloaded when its content changes; a reload that would not work (invalid
+    file, unknown verifier, a concept a served pipeline cannot encode) keeps the last good
+    policy live. ``policy_roots``: folders a policy's ``include:`` may reach besides its own.
 
-    Use it in one of three ways::
+    Use it in one of these ways::
 
         images = guard(pipe, prompt="...").images         # one guarded call
+        result = guard.generate(pipe, prompt="...")        # output and report together
         guarded = guard.wrap(pipe); guarded(prompt="...")  # called exactly like the pipeline
         with guard.attached(pipe): other_code(pipe)        # guard calls other code makes
 
-    After each call ``guard.last_report`` (per thread) says what was applied.
+    Every output carries its report as ``output.guard_report``; ``guard.last_report`` is the
+    last report of the calling thread.
 
     ``scale: auto`` concepts get their scale from an adapter (docs/adapters.md): ``adapters``
-    names extra folders, files or adapter objects, searched before the shipped ones;
-    ``feature_pass`` is ``"auto"``, ``"probe"`` or ``"reuse"`` (how step 0 is measured).
+    names extra folders, files or adapter objects; ``feature_pass`` is ``"auto"``,
+    ``"probe"`` or ``"reuse"``. ``sink`` overrides what competes with a concept in its
+    attention map (docs/families.md; default: the family's own rule).
 
-    Metrics go to ``registry`` (a prometheus_client ``CollectorRegistry``; default: the
-    global one), shared by every guard on it. ``verifiers`` adds or replaces verifiers by
-    name for the policy's ``verify`` keys (docs/observability.md).
+    Metrics go to ``metrics`` (a :class:`GuardMetrics`; default: the one on prometheus'
+    global registry). ``verifiers`` adds or replaces verifiers by name for the policy's
+    ``verify`` keys (docs/observability.md). ``on_report`` is called with every report; an
+    exception it raises is logged and does not fail the (already guarded) call.
     """
 
     def __init__(
@@ -73,31 +98,51 @@ class Guard:
         embedder: Any = None,
         on_report: Callable[[GuardReport], None] | None = None,
         registry: Any = None,
+        metrics: GuardMetrics | None = None,
         verifiers: Mapping[str, Verifier] | None = None,
         adapters: Any = (),
         feature_pass: str = "auto",
+        policy_roots: Any = (),
+        sink: str | None = None,
     ) -> None:
+        from .logs import install_log_filters
+
+        install_log_filters()
+        if sink not in _SINKS:
+            raise ConfigurationError(f"sink must be one of own, prompt, image (or None), got {sink!r}")
+        if on_report is not None and not callable(on_report):
+            raise ConfigurationError("on_report must be callable")
+        self._sink = sink
         self._adapters = adapters if isinstance(adapters, AdapterLibrary) else AdapterLibrary(adapters)
         self._feature_pass = check_feature_pass(feature_pass)
-        # per compiled plan: how its auto concepts get their scales on that plan's pipeline
-        self._auto_choices: weakref.WeakKeyDictionary[Plan, tuple[AutoChoice, ...]] = weakref.WeakKeyDictionary()
-        self._store = PolicyStore(policy, watch=watch, embedder=embedder)
-        self._on_report = on_report
-        # metrics go to `registry` (a prometheus_client CollectorRegistry; default: the global
-        # one), shared by every guard on it; verifiers by name (see gie_guard.verifiers)
         self._verifiers = {**default_verifiers(), **(verifiers or {})}
-        check_verifiers(self._store.current, self._verifiers)
-        self._metrics = GuardMetrics.for_registry(registry)
-        self._metrics.track(self._store)
+        self._on_report = on_report
         self._local = threading.local()
-        # compiled plans per pipeline, keyed by (policy content hash, clip_skip)
-        self._plans: weakref.WeakKeyDictionary[Any, dict[tuple[str, int | None], Plan]] = weakref.WeakKeyDictionary()
+        # compiled plans per pipeline, keyed by what they depend on
+        self._plans: weakref.WeakKeyDictionary[Any, dict[tuple, Plan]] = weakref.WeakKeyDictionary()
+        self._auto_choices: weakref.WeakKeyDictionary[Plan, tuple[AutoChoice, ...]] = weakref.WeakKeyDictionary()
         self._plans_lock = threading.Lock()
+        self._served: weakref.WeakSet[Any] = weakref.WeakSet()  # pipelines a reload must compile for
+        if metrics is not None and registry is not None:
+            raise ConfigurationError("pass metrics= or registry=, not both")
+        self._metrics = metrics if metrics is not None else GuardMetrics.for_registry(registry)
+        # the store starts its watcher last; if anything after it fails, it is stopped
+        self._store = PolicyStore(policy, watch=watch, embedder=embedder, roots=policy_roots, validate=self._validate)
+        try:
+            self._metrics.track(self._store)
+        except BaseException:
+            self._store.close()
+            raise
 
     # -- policy -----------------------------------------------------------------------------
     @property
-    def policy(self) -> PolicySnapshot:
+    def snapshot(self) -> PolicySnapshot:
         """The live policy snapshot."""
+        return self._store.current
+
+    @property
+    def policy(self) -> PolicySnapshot:
+        """The live policy snapshot (also ``guard.snapshot``)."""
         return self._store.current
 
     @property
@@ -106,12 +151,14 @@ class Guard:
 
     def reload(self) -> bool:
         """Re-read the policy source now. False (and the last good policy stays live) when
-        the new content is invalid."""
+        the new content is invalid or would not work on a pipeline this guard serves."""
         return self._store.reload()
 
     def close(self) -> None:
         """Stop watching the policy file."""
         self._store.close()
+        with contextlib.suppress(Exception):
+            self._metrics.untrack(self._store)
 
     def __enter__(self) -> Guard:
         return self
@@ -119,35 +166,58 @@ class Guard:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _validate(self, snapshot: PolicySnapshot) -> None:
+        """Everything a generation will need from this snapshot, checked before it goes live:
+        its verifiers exist, and every concept encodes on every pipeline already served (the
+        plans are compiled now, so the first call after a reload does not pay for it)."""
+        check_verifiers(snapshot, self._verifiers)
+        for pipe in list(self._served):
+            try:
+                self._plan(pipe, snapshot, {})
+            except GuardError as exc:
+                raise PolicyError(
+                    f"does not work on a served {type(pipe).__name__}: {exc}", file=snapshot.source, place="concepts"
+                ) from exc
+
     @property
     def last_report(self) -> GuardReport | None:
-        """The report of this thread's last guarded call."""
+        """The report of this thread's last guarded call (``output.guard_report`` works across threads)."""
         return getattr(self._local, "report", None)
+
+    @property
+    def metrics(self) -> GuardMetrics:
+        return self._metrics
 
     # -- calls ------------------------------------------------------------------------------
     def __call__(self, pipe: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run ``pipe(*args, **kwargs)`` guarded, and return the pipeline's usual output."""
+        """Run ``pipe(*args, **kwargs)`` guarded, and return the pipeline's usual output
+        (with ``guard_report`` attached where the output takes attributes)."""
+        return self._guarded_call(pipe, args, kwargs).output
+
+    def generate(self, pipe: Any, *args: Any, **kwargs: Any) -> GuardedOutput:
+        """Like calling the guard, but returns the output and its report together."""
         return self._guarded_call(pipe, args, kwargs)
 
     def wrap(self, pipe: Any) -> GuardedPipeline:
-        """An object called exactly like ``pipe``; every call is guarded."""
-        detect_family(pipe)
+        """An object called exactly like ``pipe``; every call is guarded, and methods that
+        return the pipeline (``.to()``, ``.half()``) return the wrapper."""
+        family_for(pipe)
         return GuardedPipeline(self, pipe)
 
     @contextlib.contextmanager
     def attached(self, pipe: Any) -> Iterator[Any]:
         """Within the block, every call of ``pipe`` (by any code) is guarded."""
-        detect_family(pipe)
+        family_for(pipe)
         cls = type(pipe)
         if hasattr(cls, "_gie_guard_base"):
             raise GuardError(f"a guard is already attached to this {cls._gie_guard_base.__name__}")
         guard = self
 
         def guarded_call(self_pipe: Any, *args: Any, **kwargs: Any) -> Any:
-            return guard._guarded_call(self_pipe, args, kwargs)
+            return guard._guarded_call(self_pipe, args, kwargs).output
 
         # A subclass whose __call__ is guarded: `pipe(...)` looks __call__ up on the type.
-        pipe.__class__ = type(cls.__name__, (cls,), {"__call__": guarded_call, "_gie_guard_base": cls})
+        pipe.__class__ = type(cls.__name__, (cls,), {"__call__": guarded_call, "_gie_guard_base": cls, "_gie_guard": self})
         try:
             yield pipe
         finally:
@@ -155,71 +225,73 @@ class Guard:
 
     def plan_for(self, pipe: Any, snapshot: PolicySnapshot | None = None, *, clip_skip: int | None = None) -> Plan:
         """The compiled plan of ``snapshot`` (default: the live policy) for ``pipe``; cached."""
-        return self._plan(pipe, snapshot or self._store.current, clip_skip)[0]
+        return self._plan(pipe, snapshot or self._store.current, {"clip_skip": clip_skip})[0]
 
-    def _plan(self, pipe: Any, snapshot: PolicySnapshot, clip_skip: int | None) -> tuple[Plan, float]:
+    def _plan(self, pipe: Any, snapshot: PolicySnapshot, kwargs: Mapping[str, Any]) -> tuple[Plan, float]:
         """The cached plan, and the seconds spent compiling it now (0 when it was cached)."""
-        key = (snapshot.content_hash, clip_skip)
+        family = family_for(pipe)
+        options = family.encoding_options(pipe, dict(kwargs))
+        key = (snapshot.content_hash, tuple(sorted(options.items())), self._sink, id(family.denoiser(pipe)),
+               _encoder_state(pipe, kwargs))
         with self._plans_lock:
             plan = self._plans.setdefault(pipe, {}).get(key)
         if plan is not None:
             return plan, 0.0
         specs, choices = self._concept_specs(snapshot, pipe)
-        plan = compile_plan(pipe, specs, self._window(snapshot), clip_skip=clip_skip)
+        plan = compile_plan(pipe, specs, self._window(snapshot), options=options, family=family, sink=self._sink)  # type: ignore[arg-type]
         with self._plans_lock:
             self._auto_choices[plan] = choices
             plans = self._plans.setdefault(pipe, {})
-            for stale in [k for k in plans if k[0] != snapshot.content_hash]:
-                del plans[stale]  # keep only the live policy's plans
+            live = self._store.current.content_hash if hasattr(self, "_store") else snapshot.content_hash
+            for stale in [k for k in plans if k[0] not in (snapshot.content_hash, live)]:
+                del plans[stale]  # keep the live policy's plans (and a candidate's)
             plans[key] = plan
         return plan, plan.compile_seconds
 
-    @property
-    def metrics(self) -> GuardMetrics:
-        """The metrics this guard reports to (shared by all guards on its registry)."""
-        return self._metrics
-
-    def _guarded_call(self, pipe: Any, args: tuple, kwargs: dict) -> Any:
+    def _guarded_call(self, pipe: Any, args: tuple, kwargs: dict) -> GuardedOutput:
         snapshot = self._store.current  # read once: a call never mixes two policies
+        attached = getattr(type(pipe), "_gie_guard", None)
+        if attached is not None and attached is not self:
+            raise GuardError(
+                f"this {type(pipe).__name__} is attached to another Guard (policy {attached.snapshot.name!r}); "
+                "one guard guards a call: call pipe(...) to use the attached one, or put both policies in one "
+                "(include:) — nothing was generated"
+            )
         try:
-            return self._guarded_call_with(snapshot, pipe, args, kwargs)
+            result = self._run(snapshot, pipe, args, kwargs)
         except ContentBlockedError:
             raise  # counted as `blocked`
         except Exception:
             self._metrics.observe_error(snapshot.name)  # fail closed, but counted
             raise
+        self._local.report = result.report
+        if self._on_report is not None:
+            try:
+                self._on_report(result.report)
+            except Exception:
+                logger.exception("on_report callback %r failed; the guarded output is returned", self._on_report)
+        return result
 
-    def _guarded_call_with(self, snapshot: PolicySnapshot, pipe: Any, args: tuple, kwargs: dict) -> Any:
+    def _run(self, snapshot: PolicySnapshot, pipe: Any, args: tuple, kwargs: dict) -> GuardedOutput:
         started = time.perf_counter()
-        family = detect_family(pipe)
-        with _pipeline_lock(pipe):
-            plan, compile_seconds = self._plan(pipe, snapshot, kwargs.get("clip_skip"))
-            choices = self._auto_choices.get(plan, ())
-            with installed(pipe, plan) as state, scale_inference(pipe, plan, state, choices, self._feature_pass) as inference:
-                output = _unguarded_call(pipe)(*args, **kwargs)
-        if state is not None and state.total_steps is not None and state.step + 1 != state.total_steps:
-            raise GuardedCallError(
-                f"{family.pipeline_class} ran its UNet {state.step + 1} times for {state.total_steps} "
-                "denoising steps; the step window may not have been applied as configured, so the "
-                "output is withheld"
-            )
-        report = self._report(snapshot, plan, state, compile_seconds, time.perf_counter() - started, inference)
+        plan, compile_seconds = self._plan(pipe, snapshot, kwargs)
+        self._served.add(pipe)
+        choices = self._auto_choices.get(plan, ())
+        source = AdapterScales(plan, choices, self._feature_pass) if choices and not plan.is_empty else None
+        with guarded_call(pipe, plan, scale_source=source) as record:
+            output = _unguarded_call(pipe)(*args, **kwargs)
+        report = self._report(snapshot, plan, record, compile_seconds, time.perf_counter() - started, source)
         output, verification = run_verifiers(snapshot, output, self._verifiers)
         self._metrics.observe(report, verification.outcome if verification else "ok", verification)
-        self._local.report = report
+        _attach(output, report)
         logger.debug(
-            "guarded call: policy=%s concepts=%s steps=%d/%d added=%.4fs",
-            report.policy_name,
-            ",".join(report.concept_ids),
-            len(report.steps_inhibited),
-            report.total_steps,
-            report.added_seconds,
+            "guarded call: policy=%s family=%s concepts=%s steps=%d/%d added=%.4fs",
+            report.policy_name, report.family, ",".join(report.concept_ids), len(report.steps_inhibited),
+            report.total_steps, report.added_seconds,
         )
-        if self._on_report is not None:
-            self._on_report(report)
         if verification is not None and verification.action == "block":
             raise ContentBlockedError(report, verification)
-        return output
+        return GuardedOutput(output, report)
 
     # -- helpers ----------------------------------------------------------------------------
     @staticmethod
@@ -236,6 +308,7 @@ class Guard:
                 continue
             # `scale: auto`: the adapter for this model and category predicts it in each call
             auto = concept.auto
+            assert auto is not None
             fingerprint = fingerprint or Fingerprint.of_pipeline(pipe)
             adapter = self._adapters.select(fingerprint, concept.category, concept.text)
             if adapter is not None:
@@ -250,47 +323,70 @@ class Guard:
                     file=snapshot.source,
                     place=f"concept {concept.id}",
                 )
-            specs.append(ConceptSpec(concept.id, concept.text, float(concept.auto.fallback), "fallback"))
+            specs.append(ConceptSpec(concept.id, concept.text, float(auto.fallback), "fallback"))
         return specs, tuple(choices)
 
     @staticmethod
     def _report(
-        snapshot: PolicySnapshot, plan: Plan, state: Any, compile_seconds: float, seconds: float, inference: Any = None
+        snapshot: PolicySnapshot, plan: Plan, record: CallRecord, compile_seconds: float, seconds: float,
+        source: AdapterScales | None,
     ) -> GuardReport:
-        measured = [state.first_step_attention[name] for name in plan.layer_names if name in state.first_step_attention] if state else []
+        measured = [record.first_step_attention[n] for n in plan.layer_names if n in record.first_step_attention]
+        scales = source.current if source is not None else plan.token_scales  # adapters set them per call
+        auto = source.results if source is not None else {}
         concepts = []
-        token_scales = state.token_scales if state is not None else plan.token_scales  # adapters set them per call
-        auto = inference.results if inference is not None else {}
         for row, (spec, positions) in enumerate(zip(plan.concepts, plan.token_positions)):
-            scales = tuple(float(token_scales[row, p]) for p in positions)
-            per_layer = tuple(float(layer[row, list(positions)].sum()) for layer in measured)
             used = auto.get(spec.id)
-            source = spec.scale_source if used is None or not used.nonfinite else "adapter:nonfinite-rule"
+            source_name = spec.scale_source if used is None or not used.nonfinite else "adapter:nonfinite-rule"
             concepts.append(AppliedConcept(
-                spec.id, spec.text, positions, scales, source, per_layer, adapter=used.adapter if used else None,
+                spec.id, spec.text, positions,
+                tuple(float(scales[row, p]) for p in positions) if scales is not None else (),
+                source_name,
+                tuple(float(layer[row, list(positions)].sum()) for layer in measured),
+                adapter=used.adapter if used else None,
             ))
+        inference = (source.seconds + record.probe_seconds) if source is not None else 0.0
         return GuardReport(
             policy_name=snapshot.policy.name,
             policy_hash=snapshot.content_hash,
-            pipeline_class=plan.family.pipeline_class,
+            pipeline_class=record.pipeline_class,
             concepts=tuple(concepts),
-            steps_inhibited=tuple(state.steps_inhibited) if state else (),
-            total_steps=(state.total_steps or 0) if state else 0,
+            steps_inhibited=tuple(record.steps_inhibited),
+            total_steps=record.total_steps or 0,
             step_window=(plan.window.start, plan.window.end),
-            classifier_free_guidance=state.classifier_free_guidance if state else None,
-            added_seconds=compile_seconds + (state.inhibitor_seconds if state else 0.0) + (inference.seconds if inference else 0.0),
+            classifier_free_guidance=record.classifier_free_guidance,
+            added_seconds=compile_seconds + record.inhibitor_seconds + inference,
             call_seconds=seconds,
-            scale_inference_seconds=inference.seconds if inference else 0.0,
-            feature_pass=inference.mode if inference is not None and inference.results else None,
+            scale_inference_seconds=inference,
+            feature_pass=source.mode if source is not None and source.results else None,
+            family=record.family,
+            sink=plan.sink,
+            rows_guarded=tuple(record.row_layouts),
+            steps_run=record.steps_run,
+            interrupted=record.interrupted,
+            window_widened=record.window_widened,
+            denoiser_calls=record.denoiser_calls,
+            processor_changes=tuple(record.foreign_changes),
         )
 
 
+def _attach(output: Any, report: GuardReport) -> None:
+    """Put the report on the pipeline's output where it takes attributes (not on tuples)."""
+    if isinstance(output, tuple):
+        return
+    with contextlib.suppress(AttributeError, TypeError):
+        object.__setattr__(output, "guard_report", report)
+
+
 class GuardedPipeline:
-    """``guard.wrap(pipe)``: called exactly like the pipeline; other attributes pass through."""
+    """``guard.wrap(pipe)``: called exactly like the pipeline; other attributes pass through,
+    and a method that returns the pipeline itself returns this wrapper instead."""
+
+    __slots__ = ("_guard", "_pipe")
 
     def __init__(self, guard: Guard, pipe: Any) -> None:
-        self._guard = guard
-        self._pipe = pipe
+        object.__setattr__(self, "_guard", guard)
+        object.__setattr__(self, "_pipe", pipe)
 
     @property
     def guard(self) -> Guard:
@@ -303,8 +399,25 @@ class GuardedPipeline:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._guard(self._pipe, *args, **kwargs)
 
+    def generate(self, *args: Any, **kwargs: Any) -> GuardedOutput:
+        return self._guard.generate(self._pipe, *args, **kwargs)
+
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._pipe, name)
+        value = getattr(self._pipe, name)
+        if inspect.ismethod(value) and value.__self__ is self._pipe:
+            return self._keep_wrapped(value)
+        return value
+
+    def _keep_wrapped(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = method(*args, **kwargs)
+            return self if result is self._pipe else result
+
+        return call
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._pipe, name, value)
 
     def __repr__(self) -> str:
-        return f"GuardedPipeline({type(self._pipe).__name__}, policy={self._guard.policy.policy.name!r})"
+        return f"GuardedPipeline({type(self._pipe).__name__}, policy={self._guard.snapshot.name!r})"

@@ -1,8 +1,10 @@
-"""What one guarded call did, for the caller to read."""
+"""What one guarded call did, for the caller to read (also attached to the pipeline's
+output as ``output.guard_report``, so it survives executors and async code)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -14,9 +16,9 @@ class AppliedConcept:
     token_positions: tuple[int, ...]  # slots of the concept's own tokens in its encoding
     token_scales: tuple[float, ...]  # w per kept token, in the order of token_positions
     scale_source: str  # "policy", or where an automatic scale came from
-    # at the first denoising step, per cross-attention layer (UNet order): the share of the
-    # concept's attention (softmax over its own encoding) that falls on its own tokens,
-    # averaged over heads, pixels and conditional rows. Empty when nothing was measured.
+    # at the first denoising step, per attention site (the family's order): the share of the
+    # concept's attention map that falls on its own tokens, averaged over heads, pixels and the
+    # rows that carry the prompt. Empty when nothing was measured.
     attention_per_layer: tuple[float, ...] = ()
     adapter: str | None = None  # for `scale: auto`: the adapter that chose token_scales (name@fingerprint)
 
@@ -31,21 +33,43 @@ class AppliedConcept:
 
 @dataclass(frozen=True)
 class GuardReport:
-    """The report of one guarded call (``guard.last_report``)."""
+    """The report of one guarded call (``output.guard_report``, ``guard.last_report``)."""
 
     policy_name: str
     policy_hash: str
     pipeline_class: str
     concepts: tuple[AppliedConcept, ...]
     steps_inhibited: tuple[int, ...]  # denoising step indices (0-based) that were inhibited
-    total_steps: int  # denoising steps the call ran (0 when nothing was installed)
+    total_steps: int  # denoising steps the call announced (0 when nothing was installed)
     step_window: tuple[float, float]
-    classifier_free_guidance: bool | None  # None when nothing was installed
-    added_seconds: float  # guard's own work: plan compilation (first call) + inhibitor attention
+    classifier_free_guidance: bool | None  # None when nothing was installed or the family has no CFG batch
+    added_seconds: float  # guard's own work: plan compilation (first call) + inhibitors + scale inference
     call_seconds: float  # wall time of the whole guarded call
     scale_inference_seconds: float = 0.0  # adapters: probe pass + prediction (part of added_seconds)
     feature_pass: str | None = None  # adapters: "probe" or "reuse" when an adapter set a scale
+    family: str = ""  # the engine family that guarded the call ("sd", "sdxl", "sd3", "flux", ...)
+    sink: str = ""  # what competes with a concept's tokens in its map ("own", "prompt", "image")
+    # (batch size, indices of the rows that carried the prompt) for each kind of denoiser call seen
+    rows_guarded: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    steps_run: int = 0  # denoising steps that ran (less than total_steps when interrupted)
+    interrupted: bool = False  # stopped early from callback_on_step_end: the output is partial
+    window_widened: bool = False  # the window covered no whole step and was widened to one (gie_guard.window)
+    denoiser_calls: int = 0
+    # attention layers whose processor other code replaced during the call (left as they are)
+    processor_changes: tuple[str, ...] = ()
 
     @property
     def concept_ids(self) -> tuple[str, ...]:
         return tuple(c.id for c in self.concepts)
+
+
+@dataclass(frozen=True)
+class GuardedOutput:
+    """``guard.generate(...)``: the pipeline's output and the call's report together."""
+
+    output: Any
+    report: GuardReport
+
+    @property
+    def images(self) -> Any:
+        return self.output[0] if isinstance(self.output, tuple) else self.output.images

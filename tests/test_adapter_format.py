@@ -18,7 +18,7 @@ from gie_guard.adapters import (
     save_adapter,
 )
 from gie_guard.adapters.format import METADATA_KEY
-from gie_guard.engine import cross_attention_layers
+from gie_guard.engine import family_for
 
 
 def make_adapter(fingerprint, *, categories=("object",), name="beach", concepts=("beach",), seed=0, scale_range=(1.0, 9.0)):
@@ -35,7 +35,8 @@ def sd_fingerprint(sd_pipe):
 
 def test_fingerprint_is_the_ordered_cross_attention_layers(sd_pipe, sd_fingerprint):
     assert sd_fingerprint.layer_count == 16
-    assert sd_fingerprint.layer_names == cross_attention_layers(sd_pipe.unet)  # the engine's (processor) order
+    sites = family_for(sd_pipe).sites(sd_pipe)
+    assert sd_fingerprint.layer_names == tuple(f"{s.name}.processor" for s in sites)  # the engine's (processor) order
     assert all(name.endswith("attn2.processor") for name in sd_fingerprint.layer_names)
     assert set(sd_fingerprint.cross_attention_dims) == {32}
 

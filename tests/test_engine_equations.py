@@ -1,15 +1,18 @@
-"""The engine against a literal implementation of GIE eq. 6-8 on real diffusers layers."""
+"""The engine against a literal implementation of GIE eq. 6-8 on real diffusers layers
+(UNet cross-attention; the transformer families are in test_dit_families.py)."""
 
 import pytest
 import torch
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
 
-from gie_guard.engine import CallState, ConceptSpec, GrowthInhibitorProcessor, StepWindow, compile_plan
+from gie_guard.engine import ConceptSpec, StepWindow, compile_plan
+from gie_guard.testing.reference import engine_layer, literal_cross_attention
 
 
-def _layer(pipe, index=0):
-    name = compile_plan(pipe, [], StepWindow()).layer_names[index]
-    return name, pipe.unet.get_submodule(name.removesuffix(".processor"))
+def _site(pipe, index=0):
+    plan = compile_plan(pipe, [], StepWindow())
+    name = plan.site_names[index]
+    return name, pipe.unet.get_submodule(name)
 
 
 def _prompt_embeds(pipe, prompts):
@@ -17,41 +20,13 @@ def _prompt_embeds(pipe, prompts):
     return torch.cat([uncond, cond]), pipe.tokenizer(prompts, padding="max_length", truncation=True).input_ids
 
 
-def _state(plan, *, active=True, cfg=True):
-    state = CallState(plan.embeddings, plan.token_scales, plan.window.start, plan.window.end)
-    state.active = active
-    state.classifier_free_guidance = cfg
-    return state
-
-
-def _literal_eq8(attn, hidden, text, prompt_ids, end_id, plan, cond_rows):
-    """O' = [M_p | -w M_c[J]] @ [V_p ; V_c[J]] with the concept columns inserted just
-    before the prompt's end token, computed row by row with explicit softmaxes."""
-    heads = attn.heads
-    out_rows = []
-    for b in range(hidden.shape[0]):
-        q = attn.to_q(hidden[b])  # (N, heads*d)
-        d = q.shape[-1] // heads
-        q = q.view(-1, heads, d).transpose(0, 1)  # (heads, N, d)
-        kp = attn.to_k(text[b]).view(-1, heads, d).transpose(0, 1)
-        vp = attn.to_v(text[b]).view(-1, heads, d).transpose(0, 1)
-        maps = torch.softmax(q @ kp.transpose(-1, -2) / d**0.5, dim=-1)  # (heads, N, T)
-        values = vp
-        if b in cond_rows:
-            end = prompt_ids[b - cond_rows[0]].index(end_id)
-            for c, positions in enumerate(plan.token_positions):
-                emb = plan.embeddings[c]
-                kc = attn.to_k(emb).view(-1, heads, d).transpose(0, 1)
-                vc = attn.to_v(emb).view(-1, heads, d).transpose(0, 1)
-                mc = torch.softmax(q @ kc.transpose(-1, -2) / d**0.5, dim=-1)  # its own softmax
-                j = list(positions)
-                w = plan.token_scales[c, j]
-                maps = torch.cat([maps[..., :end], -w * mc[..., j], maps[..., end:]], dim=-1)
-                values = torch.cat([values[:, :end], vc[:, j], values[:, end:]], dim=1)
-        o = (maps @ values).transpose(0, 1).reshape(-1, heads * d)
-        out_rows.append(attn.to_out[0](o))
-    return torch.stack(out_rows)
-
+def _literal(attn, hidden, text, plan, prompt_ids, end_id, cond_rows):
+    concepts = [
+        (plan.embeddings[c], plan.token_positions[c], plan.token_scales[c, list(plan.token_positions[c])])
+        for c in range(len(plan.concepts))
+    ]
+    insert_at = {r: prompt_ids[r - cond_rows[0]].index(end_id) for r in cond_rows}
+    return literal_cross_attention(attn, hidden, text, concepts, cond_rows, insert_at)
 
 
 @pytest.mark.parametrize(
@@ -73,80 +48,108 @@ def test_engine_matches_literal_equation_8(sd_pipe, concepts, long_prompt):
         assert ids[0][-1] == end_id and sd_pipe.tokenizer.pad_token_id not in ids[0]
     plan = compile_plan(sd_pipe, concepts, StepWindow(0.0, 1.0))
     for index in (0, 7, 15):  # down, mid, up
-        name, attn = _layer(sd_pipe, index)
+        name, attn = _site(sd_pipe, index)
         torch.manual_seed(index)
         hidden = torch.randn(4, 16, attn.to_q.in_features)
-        with torch.no_grad():
-            got = GrowthInhibitorProcessor(AttnProcessor2_0(), name, _state(plan))(attn, hidden, text)
-            want = _literal_eq8(attn, hidden, text, ids, end_id, plan, cond_rows=[2, 3])
+        with torch.no_grad(), engine_layer(sd_pipe, plan, rows=[2, 3]):
+            got = attn(hidden, encoder_hidden_states=text)
+        want = _literal(attn, hidden, text, plan, ids, end_id, cond_rows=[2, 3])
         rel = (got - want).norm() / want.norm()
         assert rel < 1e-5, f"{name}: relative difference {rel:.2e}"
-        # and the inhibitor really changed the conditional rows
         with torch.no_grad():
-            plain = AttnProcessor2_0()(attn, hidden, text)
-        assert (got[2:] - plain[2:]).abs().max() > 1e-3
+            plain = attn(hidden, encoder_hidden_states=text)
+        assert (got[2:] - plain[2:]).abs().max() > 1e-3  # the inhibitor really changed the prompt rows
 
 
 def test_unconditional_rows_untouched(sd_pipe):
     text, _ = _prompt_embeds(sd_pipe, ["a photo of a beach", "a cat"])
     plan = compile_plan(sd_pipe, [ConceptSpec("c", "cat", 5.0)], StepWindow(0.0, 1.0))
-    name, attn = _layer(sd_pipe, 3)
+    _, attn = _site(sd_pipe, 3)
     hidden = torch.randn(4, 16, attn.to_q.in_features)
     with torch.no_grad():
-        got = GrowthInhibitorProcessor(AttnProcessor2_0(), name, _state(plan))(attn, hidden, text)
-        plain = AttnProcessor2_0()(attn, hidden, text)
-    torch.testing.assert_close(got[:2], plain[:2], rtol=0, atol=1e-6)
+        plain = attn(hidden, encoder_hidden_states=text)
+        with engine_layer(sd_pipe, plan, rows=[2, 3]):
+            got = attn(hidden, encoder_hidden_states=text)
+    assert torch.equal(got[:2], plain[:2])
     assert (got[2:] - plain[2:]).abs().max() > 1e-3
 
 
-def test_without_guidance_every_row_is_inhibited(sd_pipe):
+def test_rows_need_not_be_contiguous(sd_pipe):
+    """PAG and other layouts put prompt rows anywhere: rows 0 and 2 of 3."""
     text, _ = _prompt_embeds(sd_pipe, ["a photo of a beach"])
-    text = text[1:]  # conditional row only, as a pipeline with guidance off passes it
+    text = torch.cat([text[1:], text[:1], text[1:]])  # [prompt; negative; prompt]
     plan = compile_plan(sd_pipe, [ConceptSpec("c", "beach", 5.0)], StepWindow(0.0, 1.0))
-    name, attn = _layer(sd_pipe, 3)
-    hidden = torch.randn(1, 16, attn.to_q.in_features)
+    _, attn = _site(sd_pipe, 4)
+    hidden = torch.randn(3, 16, attn.to_q.in_features)
     with torch.no_grad():
-        got = GrowthInhibitorProcessor(AttnProcessor2_0(), name, _state(plan, cfg=False))(attn, hidden, text)
-        plain = AttnProcessor2_0()(attn, hidden, text)
-    assert (got - plain).abs().max() > 1e-3
+        plain = attn(hidden, encoder_hidden_states=text)
+        with engine_layer(sd_pipe, plan, rows=[0, 2]):
+            got = attn(hidden, encoder_hidden_states=text)
+    assert torch.equal(got[1], plain[1])
+    assert (got[0] - plain[0]).abs().max() > 1e-3 and (got[2] - plain[2]).abs().max() > 1e-3
 
 
 def test_outside_the_window_the_layer_is_bit_identical(sd_pipe):
     text, _ = _prompt_embeds(sd_pipe, ["a photo of a beach"])
     plan = compile_plan(sd_pipe, [ConceptSpec("c", "beach", 5.0)], StepWindow(0.0, 0.5))
-    name, attn = _layer(sd_pipe, 5)
+    _, attn = _site(sd_pipe, 5)
     hidden = torch.randn(2, 16, attn.to_q.in_features)
-    for original in (AttnProcessor2_0(), AttnProcessor()):
-        with torch.no_grad():
-            got = GrowthInhibitorProcessor(original, name, _state(plan, active=False))(attn, hidden, text)
-            plain = original(attn, hidden, text)
-        assert torch.equal(got, plain)
+    originals = dict(sd_pipe.unet.attn_processors)
+    try:
+        for processor in (AttnProcessor2_0(), AttnProcessor()):
+            attn.set_processor(processor)
+            with torch.no_grad():
+                plain = attn(hidden, encoder_hidden_states=text)
+                with engine_layer(sd_pipe, plan, rows=[1], active=False):
+                    got = attn(hidden, encoder_hidden_states=text)  # measured, not inhibited
+            assert torch.equal(got, plain)
+    finally:
+        sd_pipe.unet.set_attn_processor(originals)
 
 
 def test_zero_scale_is_the_identity(sd_pipe):
     text, _ = _prompt_embeds(sd_pipe, ["a photo of a beach"])
     plan = compile_plan(sd_pipe, [ConceptSpec("c", "beach", 5.0)], StepWindow(0.0, 1.0))
-    state = _state(plan)
-    state.token_scales = torch.zeros_like(plan.token_scales)
-    name, attn = _layer(sd_pipe, 9)
+    _, attn = _site(sd_pipe, 9)
     hidden = torch.randn(2, 16, attn.to_q.in_features)
     with torch.no_grad():
-        got = GrowthInhibitorProcessor(AttnProcessor2_0(), name, state)(attn, hidden, text)
-        plain = AttnProcessor2_0()(attn, hidden, text)
+        plain = attn(hidden, encoder_hidden_states=text)
+        with engine_layer(sd_pipe, plan, rows=[1]) as call:
+            call.scales = torch.zeros_like(plan.token_scales)
+            got = attn(hidden, encoder_hidden_states=text)
     torch.testing.assert_close(got, plain, rtol=0, atol=1e-6)
     # and a plan whose only concept has scale 0 installs nothing at all
     assert compile_plan(sd_pipe, [ConceptSpec("c", "beach", 0.0)], StepWindow()).is_empty
 
 
 def test_attention_slicing_gives_the_same_result(sd_pipe):
-    from diffusers.models.attention_processor import SlicedAttnProcessor
-
     text, _ = _prompt_embeds(sd_pipe, ["a photo of a beach", "a cat on a sofa"])
     concepts = [ConceptSpec("a", "beach", 4.0), ConceptSpec("b", "cat", 2.0), ConceptSpec("c", "sofa", 1.0)]
     plan = compile_plan(sd_pipe, concepts, StepWindow(0.0, 1.0))
-    name, attn = _layer(sd_pipe, 2)
+    _, attn = _site(sd_pipe, 2)
     hidden = torch.randn(4, 16, attn.to_q.in_features)
-    with torch.no_grad():
-        whole = GrowthInhibitorProcessor(AttnProcessor2_0(), name, _state(plan))(attn, hidden, text)
-        sliced = GrowthInhibitorProcessor(SlicedAttnProcessor(slice_size=1), name, _state(plan))(attn, hidden, text)
-    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-6)
+    originals = dict(sd_pipe.unet.attn_processors)
+    results = []
+    try:
+        for processor in (AttnProcessor2_0(), SlicedAttnProcessor(slice_size=1)):
+            attn.set_processor(processor)
+            with torch.no_grad(), engine_layer(sd_pipe, plan, rows=[2, 3]):
+                results.append(attn(hidden, encoder_hidden_states=text))
+    finally:
+        sd_pipe.unet.set_attn_processor(originals)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_sink_matches_its_literal_definition(sd_pipe):
+    """The alternative sink (the concept's own tokens inserted into the prompt's softmax)."""
+    end_id = sd_pipe.tokenizer.sep_token_id
+    text, ids = _prompt_embeds(sd_pipe, ["a painting of a person on a beach at sunset"])
+    concepts = [ConceptSpec("a", "beach", 4.0), ConceptSpec("b", "sunset", 2.0)]
+    plan = compile_plan(sd_pipe, concepts, StepWindow(0.0, 1.0), sink="prompt")
+    _, attn = _site(sd_pipe, 6)
+    hidden = torch.randn(2, 16, attn.to_q.in_features)
+    with torch.no_grad(), engine_layer(sd_pipe, plan, rows=[1]):
+        got = attn(hidden, encoder_hidden_states=text)
+    enc = [(plan.embeddings[c], plan.token_positions[c], plan.token_scales[c, list(plan.token_positions[c])]) for c in range(2)]
+    want = literal_cross_attention(attn, hidden, text, enc, [1], {1: ids[0].index(end_id)}, sink="prompt")
+    assert ((got - want).norm() / want.norm()) < 1e-5

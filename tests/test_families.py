@@ -5,8 +5,13 @@ import pytest
 import torch
 
 from gie_guard import Guard
-from gie_guard.engine.families import concept_token_positions
+from gie_guard.engine import family_for
 from gie_guard.testing import tiny_clip_tokenizer, tiny_sd_pipeline
+
+
+def concept_token_positions(pipe, text, concept_id):
+    family = family_for(pipe)
+    return family.positions(pipe, text, concept_id, family.encoding_options(pipe, {}))
 
 
 @pytest.mark.parametrize("pad", ["<|endoftext|>", "!"], ids=["sd1-pads-with-end-token", "sd2-pads-with-!"])

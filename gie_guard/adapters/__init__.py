@@ -9,18 +9,18 @@
 from .format import FORMAT_VERSION, AdapterHeader, load_adapter, read_header, save_adapter
 from .model import Fingerprint, MLPAdapter, ScaleAdapter, ScaleMLP, resolve_scales
 from .selection import AdapterLibrary, AutoChoice, shipped_adapter_dir
-from .features import AutoScaleResult, ScaleInference, check_feature_pass, measure_features, scale_inference, token_features
+from .features import AdapterScales, AutoScaleResult, check_feature_pass, measure_features, token_features
 
 __all__ = [
     "FORMAT_VERSION",
     "AdapterHeader",
     "AdapterLibrary",
+    "AdapterScales",
     "AutoChoice",
     "AutoScaleResult",
     "Fingerprint",
     "MLPAdapter",
     "ScaleAdapter",
-    "ScaleInference",
     "ScaleMLP",
     "check_feature_pass",
     "load_adapter",
@@ -28,7 +28,6 @@ __all__ = [
     "read_header",
     "resolve_scales",
     "save_adapter",
-    "scale_inference",
     "shipped_adapter_dir",
     "token_features",
 ]

@@ -1,16 +1,15 @@
 """Adapter features in a guarded call, and the hand-off of predicted scales to the engine.
 
-Feature of a concept token ``j``: for each cross-attention layer ``l`` (UNet order), the
-mean of the concept's attention map ``M_c[..., j]`` (softmax over the concept's own
-encoding) over heads, pixels and the conditional rows, at the first denoising step with
-no suppression applied: an ``L``-vector. The engine measures these at step 0
-(``CallState.first_step_attention``); this module decides *when* step 0 is unsuppressed:
+Feature of a concept token ``j``: for each attention site ``l`` (the family's order), the
+mean of the concept's attention map ``M_c[..., j]`` over heads, pixels and the rows that
+carry the prompt, at the first denoising step with no suppression applied: an
+``L``-vector. The engine measures these at step 0; :class:`AdapterScales` is the engine's
+:class:`~gie_guard.engine.ScaleSource` for a call, and decides *when* step 0 is unsuppressed:
 
 ``probe``
-    Before the real step 0, the UNet runs once more on the conditional rows only, with no
-    inhibitor and measuring on; the adapter predicts, the scales are written into the
-    call's ``token_scales``, and then step 0 runs suppressed as the window says. Cost: one
-    UNet evaluation at half the CFG batch, i.e. about ``1 / (2 * steps)`` of the call.
+    Before the real step 0, the engine runs the denoiser once more on the prompt rows only,
+    with no inhibitor and measuring; the adapter predicts, and step 0 then runs suppressed
+    as the window says. Cost: one denoiser evaluation at the prompt rows' batch.
 ``reuse``
     Step 0 itself is measured; auto concepts are not suppressed at step 0 (their scales are
     0 there) and get the predicted scales from step 1 on. Cost: nothing beyond measuring.
@@ -19,38 +18,33 @@ no suppression applied: an ``L``-vector. The engine measures these at step 0
     ``reuse`` when the window does not include step 0 (then it is free and loses nothing),
     ``probe`` otherwise.
 
-With a batch of prompts in one call the features are the mean over all conditional rows,
-so every image of the call gets the same scale per concept token (the engine has one
-``token_scales`` per call).
+With a batch of prompts in one call the features are the mean over all prompt rows, so
+every image of the call gets the same scale per concept token.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-from ..engine import ConceptSpec, Plan, StepWindow, compile_plan, installed
-from ..errors import GuardError
+from ..engine import ConceptSpec, Plan, StepWindow, compile_plan, guarded_call
+from ..errors import ConfigurationError
 from .model import resolve_scales
 from .selection import AutoChoice
 
 __all__ = [
+    "AdapterScales",
     "AutoScaleResult",
     "FeaturePass",
-    "ScaleInference",
     "check_feature_pass",
     "measure_features",
-    "scale_inference",
     "token_features",
 ]
 
 FeaturePass = Literal["auto", "probe", "reuse"]
-FEATURE_PASSES = ("auto", "probe", "reuse")
 
 
 def token_features(
@@ -82,111 +76,77 @@ class AutoScaleResult:
     from_step: int  # first step at which the predicted scales applied
 
 
-@dataclass
-class ScaleInference:
-    """Per call: the results per auto concept and the seconds spent (probe + prediction)."""
-
-    mode: str = "none"
-    results: dict[str, AutoScaleResult] = field(default_factory=dict)
-    seconds: float = 0.0
-
-
-def _rows(value: Any, rows: slice, batch: int) -> Any:
-    if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch:
-        return value[rows]
-    if isinstance(value, dict):
-        return {k: _rows(v, rows, batch) for k, v in value.items()}
-    return value
-
-
 def check_feature_pass(mode: str) -> str:
-    if mode not in FEATURE_PASSES:
-        raise GuardError(f"feature_pass must be one of {', '.join(FEATURE_PASSES)}; got {mode!r}")
+    if mode not in ("auto", "probe", "reuse"):
+        raise ConfigurationError(f"feature_pass must be one of auto, probe, reuse; got {mode!r}")
     return mode
 
 
-@contextlib.contextmanager
-def scale_inference(
-    pipe: Any, plan: Plan, state: Any, choices: Sequence[AutoChoice], mode: FeaturePass = "auto"
-) -> Iterator[ScaleInference]:
-    """Within a call (inside ``engine.installed``), predict the auto concepts' scales from
-    first-step features and write them into ``state.token_scales``."""
-    check_feature_pass(mode)
-    inference = ScaleInference()
-    by_id = {c.concept_id: c for c in choices}
-    rows = [(r, spec, pos, by_id[spec.id]) for r, (spec, pos) in enumerate(zip(plan.concepts, plan.token_positions)) if spec.id in by_id]
-    if state is None or not rows:
-        yield inference
-        return
-    if mode == "auto":
-        mode = "probe" if plan.window.start == 0 else "reuse"
-    inference.mode = mode
-    # the state's tensor may be the plan's own (`.to` on the same device returns it): copy
-    state.token_scales = state.token_scales.clone()
-    for r, _, pos, _ in rows:  # nothing is applied for auto concepts until predicted
-        state.token_scales[r, list(pos)] = 0.0
-    done = False
+@dataclass
+class AdapterScales:
+    """The scale source of one call for a plan's ``scale: auto`` concepts (the engine asks it)."""
 
-    def predict(from_step: int) -> None:
-        for r, spec, pos, choice in rows:
-            feats = token_features(state.first_step_attention, plan.layer_names, r, pos)
+    plan: Plan
+    choices: Sequence[AutoChoice]
+    mode: str = "auto"
+    results: dict[str, AutoScaleResult] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_feature_pass(self.mode)
+        if self.mode == "auto":
+            self.mode = "probe" if self.plan.window.start == 0 else "reuse"
+        by_id = {c.concept_id: c for c in self.choices}
+        self._rows = [(r, spec, pos, by_id[spec.id]) for r, (spec, pos)
+                      in enumerate(zip(self.plan.concepts, self.plan.token_positions)) if spec.id in by_id]
+        assert self.plan.token_scales is not None
+        self._scales = self.plan.token_scales.clone()
+        for r, _, pos, _ in self._rows:  # nothing is applied for auto concepts until predicted
+            self._scales[r, list(pos)] = 0.0
+        self._done = False
+
+    @property
+    def current(self) -> torch.Tensor:
+        """The scales as the engine applies them now, (C, T)."""
+        return self._scales
+
+    @property
+    def probe(self) -> bool:
+        return self.mode == "probe"
+
+    def scales(self, step: int, measured: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
+        if self._done:
+            return None
+        if measured is None or (self.mode == "reuse" and step == 0):
+            return self._scales  # auto concepts at 0 until their features are measured
+        for r, spec, pos, choice in self._rows:
+            feats = token_features(measured, self.plan.layer_names, r, pos)
             raw = choice.adapter.predict(feats)
             scales, nonfinite = resolve_scales(raw, lo=choice.lo, hi=choice.hi, fallback=choice.fallback)
-            state.token_scales[r, list(pos)] = scales.to(state.token_scales)
-            inference.results[spec.id] = AutoScaleResult(
+            self._scales[r, list(pos)] = scales.to(self._scales)
+            self.results[spec.id] = AutoScaleResult(
                 spec.id, choice.adapter.label, choice.adapter.path, feats,
-                tuple(float(x) for x in raw), tuple(float(x) for x in scales), nonfinite, from_step,
+                tuple(float(x) for x in raw), tuple(float(x) for x in scales), nonfinite, step,
             )
-
-    def hook(module: Any, args: tuple, kwargs: dict) -> None:
-        nonlocal done
-        if done or getattr(state, "probing", False):
-            return
-        started = time.perf_counter()
-        if mode == "probe" and state.step == 0:
-            batch = args[0].shape[0] if args else kwargs["sample"].shape[0]
-            rows_ = state.conditional_rows(batch)
-            p_args = tuple(_rows(a, rows_, batch) for a in args)
-            p_kwargs = {k: _rows(v, rows_, batch) for k, v in kwargs.items()}
-            saved = (state.active, state.classifier_free_guidance, state.inhibitor_seconds)
-            state.probing, state.active, state.classifier_free_guidance = True, False, False
-            try:
-                with torch.no_grad():
-                    module(*p_args, **p_kwargs)
-            finally:
-                state.probing = False
-                state.active, state.classifier_free_guidance, state.inhibitor_seconds = saved
-            state.measure_first_step = False  # keep the clean measurement; step 0 now runs suppressed
-            predict(0)
-            done = True
-        elif mode == "reuse" and state.step >= 1:
-            predict(state.step)
-            done = True
-        inference.seconds += time.perf_counter() - started
-
-    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield inference
-    finally:
-        handle.remove()
+        self._done = True
+        return self._scales
 
 
 @torch.no_grad()
 def measure_features(pipe: Any, concept_text: str, *, first_step_only: bool = False, **call_kwargs: Any) -> tuple[Any, torch.Tensor]:
-    """Run ``pipe(**call_kwargs)`` unguarded (the output is the pipeline's own) while
-    measuring the features of ``concept_text``: returns ``(output, features (tokens, L))``.
+    """Run ``pipe(**call_kwargs)`` with nothing inhibited (the output is the pipeline's own)
+    while measuring the features of ``concept_text``: returns ``(output, features (tokens, L))``.
     With several prompts in the call, the features are their mean. ``first_step_only``
-    stops the denoising loop after step 0 (one UNet evaluation; the output is then
+    stops the denoising loop after step 0 (one denoiser evaluation; the output is then
     meaningless): the cheap way to get features alone."""
     plan = compile_plan(pipe, [ConceptSpec("probe", concept_text, 1.0, "measure")], StepWindow(0.0, 1.0))
     if first_step_only:
 
         def stop(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
-            pipeline._interrupt = True  # the SD/SDXL loops skip the remaining steps
+            pipeline._interrupt = True  # the pipelines' loops skip the remaining steps
             return callback_kwargs
 
         call_kwargs = {**call_kwargs, "callback_on_step_end": stop, "output_type": "latent"}
-    with installed(pipe, plan) as state:
-        state.window_start = state.window_end = 0.0  # never inhibit: measure only
+    with guarded_call(pipe, plan, inhibit=False) as record:
         output = pipe(**call_kwargs)
-    return output, token_features(state.first_step_attention, plan.layer_names, 0, plan.token_positions[0])
+    return output, token_features(record.first_step_attention, plan.layer_names, 0, plan.token_positions[0])

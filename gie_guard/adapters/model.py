@@ -45,7 +45,7 @@ class ScaleMLP(nn.Module):
 @dataclass(frozen=True)
 class Fingerprint:
     """What a pipeline must have for an adapter's features to mean the same thing: its
-    cross-attention layers, in UNet order, and the width of the text embeddings they read
+    attention sites, in the family's order (UNet: cross-attention layers), and the width of the text they read
     (which tells SD 1.x (768) from SD 2.x (1024) and a toy model, whose layer names agree)."""
 
     layer_names: tuple[str, ...]
@@ -87,12 +87,15 @@ class Fingerprint:
 
     @classmethod
     def of_pipeline(cls, pipe: Any) -> Fingerprint:
-        from ..engine.families import cross_attention_layers
+        """The pipeline's attention sites (processor names, in the family's order) and the
+        width of the text each reads."""
+        from ..engine import family_for
 
-        unet = pipe.unet
-        names = cross_attention_layers(unet)
-        dims = [int(unet.get_submodule(n.removesuffix(".processor")).to_k.in_features) for n in names]
-        return cls(tuple(names), tuple(dims))
+        sites = family_for(pipe).sites(pipe)
+        names = tuple(f"{s.name}.processor" for s in sites)
+        dims = tuple(int((s.module.to_k if s.kind == "cross" else s.module.add_k_proj).in_features)
+                     if s.kind != "single" else int(s.module.to_k.in_features) for s in sites)
+        return cls(names, dims)
 
     def mismatch(self, other: Fingerprint) -> str | None:
         """None when equal; otherwise what differs, in words."""

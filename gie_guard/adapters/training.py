@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..engine import ConceptSpec, StepWindow, compile_plan, installed
+from ..engine import ConceptSpec, StepWindow, compile_plan, guarded_call
 from ..errors import AdapterError
 from .features import measure_features
 from .format import save_adapter
@@ -140,7 +140,7 @@ def label_prompts(
         for lo in range(0, len(prompts), config.batch_size):
             batch = list(prompts[lo : lo + config.batch_size])
             gens = [torch.Generator().manual_seed(s) for s in seeds[lo : lo + config.batch_size]]
-            with installed(pipe, plan):
+            with guarded_call(pipe, plan):
                 guarded.append(_images(pipe(prompt=batch, generator=gens, **kw)))
             bar.update(len(batch))
         images = np.concatenate(guarded)

@@ -1,19 +1,32 @@
-"""The GIE engine: compile concepts for a pipeline, install growth-inhibitor processors."""
+"""The GIE engine: compile concepts for a pipeline and guard one call at a time.
 
-from .families import Family, cross_attention_layers, detect_family
-from .plan import ConceptSpec, Plan, StepWindow, compile_plan
-from .processors import CallState, GrowthInhibitorProcessor
-from .session import installed
+    plan = compile_plan(pipe, [ConceptSpec("nudity", "nude", 3.0)], StepWindow(0.0, 0.8))
+    with guarded_call(pipe, plan) as record:
+        images = pipe(prompt).images
+
+Layout: ``families/`` (what each pipeline family is: sites, encodings, rows), ``attention``
+(the maths), ``cross`` (hooks around a cross-attention layer's own processor), ``joint``
+(the processor of joint-attention blocks), ``call`` (one call: clock, invariants, restore),
+``plan`` (what a call needs that does not change between calls).
+"""
+
+from ..window import StepWindow
+from .call import CallRecord, MapObserver, ScaleSource, denoiser_lock, guarded_call
+from .families import Family, Site, family_for, supported_pipelines
+from .plan import ConceptSpec, Plan, compile_plan
 
 __all__ = [
-    "CallState",
+    "CallRecord",
     "ConceptSpec",
     "Family",
-    "GrowthInhibitorProcessor",
+    "MapObserver",
     "Plan",
+    "ScaleSource",
+    "Site",
     "StepWindow",
     "compile_plan",
-    "cross_attention_layers",
-    "detect_family",
-    "installed",
+    "denoiser_lock",
+    "family_for",
+    "guarded_call",
+    "supported_pipelines",
 ]

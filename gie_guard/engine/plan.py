@@ -1,17 +1,29 @@
 """Compile concepts for one pipeline into a Plan: everything a guarded call needs that does
-not change from call to call (concept encodings, token positions, per-token scales)."""
+not change from call to call (the family, the attention sites, the concept encodings,
+token positions and per-token scales)."""
 
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from ..errors import ConceptError, GuardError
-from .families import Family, concept_token_positions, cross_attention_layers, detect_family, encode_concepts
+from ..errors import ConceptError, ConfigurationError
+from ..limits import MAX_CONCEPTS, MAX_SCALE
+from ..window import StepWindow
+from .families import family_for
+from .families.base import Family
+
+__all__ = ["ConceptSpec", "Plan", "Sink", "StepWindow", "compile_plan"]
+
+# What competes with a concept's tokens for a query in its map M_c: "own" (the other slots of
+# the concept's own encoding: the paper's rule, UNet families), "prompt" (the prompt's own
+# columns: cross-attention DiTs with a text mask), "image" (a joint block's image keys).
+Sink = Literal["own", "prompt", "image"]
+SINKS = {"cross": ("own", "prompt"), "joint": ("image", "prompt")}
 
 
 @dataclass(frozen=True)
@@ -24,23 +36,9 @@ class ConceptSpec:
     scale_source: str = "policy"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) or self.scale < 0:
-            raise ConceptError(f"scale must be a finite number >= 0, got {self.scale!r}", concept_id=self.id)
-
-
-@dataclass(frozen=True)
-class StepWindow:
-    """Step ``i`` of ``n`` is inhibited when ``start * n <= i < end * n``."""
-
-    start: float = 0.0
-    end: float = 0.8
-
-    def __post_init__(self) -> None:
-        if not (0.0 <= self.start < self.end <= 1.0):
-            raise GuardError(f"step window must satisfy 0 <= start < end <= 1, got [{self.start}, {self.end}]")
-
-    def contains(self, step: int, total: int) -> bool:
-        return self.start * total <= step < self.end * total
+        s = self.scale
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s <= MAX_SCALE:
+            raise ConceptError(f"scale must be a number in [0, {MAX_SCALE:g}], got {s!r}", concept_id=self.id)
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,15 +48,43 @@ class Plan:
     family: Family
     concepts: tuple[ConceptSpec, ...]
     window: StepWindow
-    layer_names: tuple[str, ...]  # cross-attention processors, UNet order
+    site_names: tuple[str, ...]  # attention sites, in the family's order
     token_positions: tuple[tuple[int, ...], ...]  # per concept: its own tokens' slots
     embeddings: torch.Tensor | None  # (C, T, D) concept encodings; None when C == 0
-    token_scales: torch.Tensor | None  # (C, T): w on the concept's own tokens, 0 on special tokens
+    token_scales: torch.Tensor | None  # (C, T): w on the concept's own tokens, 0 elsewhere
+    ride_along: tuple[tuple[int, ...], ...] = ()  # joint families: slots carried per concept
+    sink: Sink = "own"
     compile_seconds: float = field(default=0.0)
+    _tokens: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def is_empty(self) -> bool:
         return self.embeddings is None
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """The attention sites (their module paths in the denoiser)."""
+        return self.site_names
+
+    @property
+    def ride_along_spans(self) -> list[tuple[int, int]]:
+        """Per concept, its ``[lo, hi)`` within the concept tokens appended to the text."""
+        spans, at = [], 0
+        for slots in self.ride_along:
+            spans.append((at, at + len(slots)))
+            at += len(slots)
+        return spans
+
+    def ride_along_tokens(self, denoiser: torch.nn.Module) -> torch.Tensor:
+        """``(T_c, D)``: every concept's carried slots, concatenated, on the denoiser's device."""
+        assert self.embeddings is not None
+        weight = next(denoiser.parameters())
+        key = (weight.device, weight.dtype)
+        tokens = self._tokens.get(key)
+        if tokens is None:
+            parts = [self.embeddings[c, list(slots)] for c, slots in enumerate(self.ride_along)]
+            tokens = self._tokens[key] = torch.cat(parts).to(device=weight.device, dtype=weight.dtype)
+        return tokens
 
 
 def compile_plan(
@@ -67,35 +93,49 @@ def compile_plan(
     window: StepWindow,
     *,
     clip_skip: int | None = None,
+    options: dict[str, Any] | None = None,
     family: Family | None = None,
+    sink: Sink | None = None,
 ) -> Plan:
     """Encode every concept once with the pipeline's own prompt encoder.
 
-    Concepts whose scale is 0 are dropped: they would change nothing, and an empty plan
-    leaves the pipeline's output bit-identical."""
+    ``options`` are the call's encoding settings (``Family.encoding_options``; default: the
+    pipeline's defaults, with ``clip_skip``). Concepts whose scale is 0 are dropped: they would
+    change nothing, and an empty plan leaves the pipeline's output bit-identical."""
     started = time.perf_counter()
-    family = family or detect_family(pipe)
-    layers = cross_attention_layers(pipe.unet)
+    family = family or family_for(pipe)
+    options = family.encoding_options(pipe, {"clip_skip": clip_skip, **(options or {})})
+    sink = sink or family.default_sink  # type: ignore[assignment]
+    allowed = SINKS["joint" if family.joint else "cross"]
+    if sink not in allowed:
+        raise ConfigurationError(f"sink {sink!r} does not apply to {family.name} pipelines (one of: {', '.join(allowed)})")
+    sites = tuple(s.name for s in family.sites(pipe))
     ids = [c.id for c in concepts]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise ConceptError(f"concept ids must be unique; repeated: {', '.join(dup)}")
     active = tuple(c for c in concepts if c.scale > 0)
-    positions = tuple(concept_token_positions(pipe, c.text, c.id) for c in concepts)
-    positions = tuple(p for p, c in zip(positions, concepts) if c.scale > 0)
+    if len(active) > MAX_CONCEPTS:
+        raise ConceptError(f"{len(active)} concepts to inhibit; at most {MAX_CONCEPTS} fit one plan")
+    for c in concepts:  # a concept at scale 0 today must still be one this pipeline can encode
+        if c.scale == 0:
+            family.positions(pipe, c.text, c.id, options)
     if not active:
-        return Plan(family, (), window, layers, (), None, None, time.perf_counter() - started)
-    embeddings = encode_concepts(pipe, family, [c.text for c in active], clip_skip=clip_skip)
+        return Plan(family, (), window, sites, (), None, None, sink=sink, compile_seconds=time.perf_counter() - started)
+    encoding = family.encode(pipe, [c.text for c in active], [c.id for c in active], options)
+    embeddings = encoding.embeddings
     scales = torch.zeros(embeddings.shape[:2], dtype=torch.float32)
-    for row, (concept, slots) in enumerate(zip(active, positions)):
+    for row, (concept, slots) in enumerate(zip(active, encoding.positions)):
         scales[row, list(slots)] = float(concept.scale)
     return Plan(
         family=family,
         concepts=active,
         window=window,
-        layer_names=layers,
-        token_positions=positions,
+        site_names=sites,
+        token_positions=encoding.positions,
         embeddings=embeddings,
         token_scales=scales,
+        ride_along=encoding.ride_along or (),
+        sink=sink,
         compile_seconds=time.perf_counter() - started,
     )

@@ -1,0 +1,145 @@
+"""The attention maths of growth inhibitors, as pure functions on tensors.
+
+Used by the engine's attention sites, by the measurements (adapter features, reports)
+and by pictures (gie_guard.explain); nothing here knows a pipeline or a module.
+
+Shapes: ``q`` is ``(B, h, N, d)`` (B rows, h heads, N queries, d per head); a concept is
+keys and values ``(h, T, d)`` shared by the rows, or ``(B, h, T, d)`` per row (a joint block's
+text stream differs per row), and scales ``(T,)`` or per row ``(B, T)`` (w per token slot;
+0 on slots that are not the concept's own tokens).
+
+For one concept ``c``, GIE (eq. 6-8, additive form) subtracts from the layer's attention
+output
+
+    I_c = sum_j w_j * M_c[..., j] * V_c[j],     M_c = softmax(q K_c^T * scale)
+
+where the softmax runs over the concept's own encoding. ``sink_lse`` adds a sink to that
+softmax: keys outside the concept that compete for the same queries (the image tokens of a
+joint-attention block), given by the log of their summed exponentials per query. Then
+
+    M_c[j] = exp(s_j) / (exp(sink_lse) + sum_k exp(s_k))
+
+and ``I_c = sigmoid(lse_c - sink_lse) * softmax_c(s) @ (w * V_c)``: one attention over
+the concept's keys plus a per-query gate, never a pass over the sink's keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "ConceptKV",
+    "attend",
+    "attend_with_lse",
+    "concept_maps",
+    "inhibitor",
+    "mean_concept_map",
+    "merge_partial_attention",
+]
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, mask: torch.Tensor | None = None,
+    slice_size: int | None = None,
+) -> torch.Tensor:
+    """Softmax attention ``(B, h, N, d)``; in chunks of ``slice_size`` (row x head) pairs when
+    asked (the memory bound of diffusers' attention slicing)."""
+    if not slice_size:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    b, h, n, _ = q.shape
+    qq, kk, vv = (t.expand(b, h, *t.shape[2:]).reshape(b * h, *t.shape[2:]) for t in (q, k, v))
+    mm = None if mask is None else mask.expand(b, h, n, mask.shape[-1]).reshape(b * h, n, -1)
+    out = qq.new_empty(b * h, n, vv.shape[-1])
+    for i in range(0, b * h, slice_size):
+        j = slice(i, i + slice_size)
+        out[j] = F.scaled_dot_product_attention(qq[j], kk[j], vv[j], attn_mask=None if mm is None else mm[j], scale=scale)
+    return out.view(b, h, n, -1)
+
+
+def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention and the log of each query's normaliser: ``(B, h, N, d)``, ``(B, h, N)``
+    (float32). Uses the fused kernels that return it where PyTorch has them, else an exact
+    computation in chunks of queries."""
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+            return out, lse.float()
+        except (RuntimeError, AttributeError):
+            pass
+    elif q.device.type == "cuda":
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)[:2]
+            if out.shape == q.shape[:3] + v.shape[-1:] and lse.shape[-1] >= q.shape[2]:
+                return out, lse[..., : q.shape[2]].float()  # the kernel pads its lse to a block size
+        except (RuntimeError, AttributeError):
+            pass
+    return _attend_with_lse_exact(q, k, v, scale)
+
+
+def _attend_with_lse_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int = 1024):
+    outs, lses = [], []
+    for i in range(0, q.shape[2], chunk):
+        logits = (q[:, :, i : i + chunk] @ k.transpose(-1, -2)).float() * scale  # (B, h, n, T)
+        lse = torch.logsumexp(logits, dim=-1)
+        outs.append((torch.exp(logits - lse[..., None]) @ v.float()).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def merge_partial_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over a union of disjoint key sets from the attention over each set:
+    ``[(out_i, lse_i)] -> (out, lse)``, exact up to rounding."""
+    lses = torch.stack([lse for _, lse in parts])  # (P, B, h, N)
+    total = torch.logsumexp(lses, dim=0)
+    out = sum(torch.exp(lse - total)[..., None].to(o.dtype) * o for o, lse in parts)
+    return out, total  # type: ignore[return-value]
+
+
+def _rows(x: torch.Tensor, b: int) -> torch.Tensor:
+    """``(h, T, ...)`` or ``(B, h, T, ...)`` -> ``(B, h, T, ...)`` (a view when expanded)."""
+    return x[None].expand(b, *x.shape) if x.ndim == 3 else x
+
+
+# one concept: keys and values (h, T, d) or per row (B, h, T, d), scales (T,) or per row (B, T)
+ConceptKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def inhibitor(
+    q: torch.Tensor,
+    concepts: list[ConceptKV],
+    *,
+    scale: float,
+    sink_lse: torch.Tensor | None = None,
+    slice_size: int | None = None,
+) -> torch.Tensor:
+    """``sum_c I_c`` for queries ``q`` ``(B, h, N, d)``: each concept in its own softmax
+    (optionally with a sink), its values scaled per token slot. Returns ``(B, h, N, d)``.
+    One attention per concept: the query is never copied."""
+    b = q.shape[0]
+    total = torch.zeros_like(q)
+    for keys, values, w in concepts:
+        w = w.to(device=values.device, dtype=values.dtype)
+        v = values * (w[:, None] if w.ndim == 1 else w[:, None, :, None])  # zero rows on slots without w
+        k, v = _rows(keys, b), _rows(v, b)
+        if sink_lse is None:
+            total += attend(q, k, v, scale=scale, slice_size=slice_size)
+        else:
+            out, lse = attend_with_lse(q, k, v, scale=scale)
+            total += torch.sigmoid(lse - sink_lse)[..., None].to(out.dtype) * out
+    return total
+
+
+def concept_maps(q: torch.Tensor, keys: torch.Tensor, *, scale: float, sink_lse: torch.Tensor | None = None) -> torch.Tensor:
+    """One concept's attention map ``M_c``: ``(B, h, N, T)`` float32 (its own softmax over its
+    T slots, with the sink's share taken out when ``sink_lse`` is given)."""
+    logits = (q.float() @ _rows(keys, q.shape[0]).float().transpose(-1, -2)) * scale
+    if sink_lse is None:
+        return torch.softmax(logits, dim=-1)
+    total = torch.logaddexp(torch.logsumexp(logits, dim=-1), sink_lse.float())
+    return torch.exp(logits - total[..., None])
+
+
+def mean_concept_map(q: torch.Tensor, keys: torch.Tensor, *, scale: float, sink_lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of one concept's ``M_c`` over rows, heads and queries: ``(T,)``."""
+    return concept_maps(q, keys, scale=scale, sink_lse=sink_lse).mean(dim=(0, 1, 2))

@@ -1,0 +1,182 @@
+"""What the engine needs to know about one family of pipelines, and nothing else.
+
+A family module (unet.py, pixart.py, sd3.py, flux.py) subclasses :class:`Family` and is
+registered in ``families/__init__.py``. The Guard, the plan, the report and the metrics only
+ever talk to this interface; adding a family is a module and its tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from ...errors import ConceptError, UnsupportedPipelineError
+
+__all__ = ["ConceptEncoding", "Family", "Site", "SiteKind", "concept_slots", "describe"]
+
+# "cross": a cross-attention layer over text states that do not change within a call (UNet
+#          attn2, PixArt/Sana attn2); inhibited by hooks around the layer's own processor.
+# "joint": a joint-attention block over [image; text] whose text stream changes from block
+#          to block (SD3, Flux double-stream), replaced by the engine's processor in the window.
+# "single": a Flux single-stream block (one projection for text and image, no to_out).
+SiteKind = Literal["cross", "joint", "single"]
+
+
+@dataclass(frozen=True, eq=False)
+class Site:
+    """One attention layer the concepts act on."""
+
+    name: str  # module path inside the denoiser, e.g. "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    module: torch.nn.Module
+    kind: SiteKind
+    block: int | None = None  # transformer block index, for calls that skip blocks (SD3 skip-layer guidance)
+
+
+@dataclass(frozen=True, eq=False)
+class ConceptEncoding:
+    """Concepts encoded as the denoiser sees prompt embeddings.
+
+    ``embeddings`` is ``(C, T, D)``; ``positions[c]`` are the slots of concept ``c``'s own
+    tokens (never start, end or padding); ``ride_along[c]`` are the slots a joint-attention
+    family carries through its blocks for that concept (its own tokens and the special
+    tokens around them). Cross-attention families use every slot."""
+
+    embeddings: torch.Tensor
+    positions: tuple[tuple[int, ...], ...]
+    ride_along: tuple[tuple[int, ...], ...] | None = None
+
+
+def describe(pipe: Any) -> str:
+    return f"{type(pipe).__module__}.{type(pipe).__qualname__}"
+
+
+def concept_slots(
+    tokenizer: Any, text: str, concept_id: str, *, max_length: int | None = None, convert: Any = None,
+    padding_side: str | None = None,
+) -> tuple[list[int], list[int]]:
+    """``(ids, own)``: the padded ids of ``text`` as the pipeline tokenizes a prompt, and the
+    slots of its own tokens (ids that are not special). Refuses texts the encoder would
+    truncate: a truncated concept is a different concept."""
+    if not text or not text.strip():
+        raise ConceptError("the concept text is empty", concept_id=concept_id)
+    prompt = convert(text, tokenizer) if convert is not None else text
+    limit = max_length or tokenizer.model_max_length
+    extra = {"padding_side": padding_side} if padding_side else {}
+    ids = tokenizer(prompt, padding="max_length", max_length=limit, truncation=False, **extra).input_ids
+    if len(ids) > limit:
+        raise ConceptError(
+            f"the text {text!r} is {len(ids)} tokens long with its special tokens; the pipeline's text "
+            f"encoder takes at most {limit}",
+            concept_id=concept_id,
+        )
+    special = set(tokenizer.all_special_ids)
+    own = [i for i, token in enumerate(ids) if token not in special]
+    if not own:
+        raise ConceptError(f"the text {text!r} has no tokens besides special tokens", concept_id=concept_id)
+    return list(ids), own
+
+
+class Family:
+    """Base of every family. Subclasses set the class attributes and override the methods
+    their pipelines need; the defaults fit diffusers' usual layouts."""
+
+    name: ClassVar[str]  # short, stable: goes into reports and metrics ("sd", "sdxl", "sd3", ...)
+    pipelines: ClassVar[tuple[str, ...]]  # diffusers pipeline class names guarded (and their subclasses)
+    refused: ClassVar[dict[str, str]] = {}  # diffusers pipeline class name -> why it cannot be guarded
+    denoiser_attr: ClassVar[str] = "transformer"
+    joint: ClassVar[bool] = False  # joint attention: concepts ride along in the text sequence
+    text_first: ClassVar[bool] = False  # joint sequence order [text; image] (Flux) or [image; text] (SD3)
+    # what competes with a concept's tokens in its map: "own" (its own encoding's other slots,
+    # the paper's rule), "prompt" (the prompt's columns), "image" (a joint block's image keys)
+    default_sink: ClassVar[str] = "own"
+    # the pipeline does not record its step count: read it from the scheduler's timesteps
+    steps_from_scheduler: ClassVar[bool] = False
+    # denoiser keyword arguments that are not per batch row (never sliced for a probe pass)
+    shared_kwargs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, pipeline_class: str) -> None:
+        self.pipeline_class = pipeline_class
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.pipeline_class})"
+
+    # -- matching ----------------------------------------------------------------------------
+    @classmethod
+    def classes(cls, names: Iterable[str]) -> tuple[type, ...]:
+        import diffusers
+
+        return tuple(getattr(diffusers, n) for n in names if hasattr(diffusers, n))
+
+    @classmethod
+    def matches(cls, pipe: Any) -> bool:
+        return isinstance(pipe, cls.classes(cls.pipelines))
+
+    def check(self, pipe: Any) -> None:
+        """Raise UnsupportedPipelineError when this pipeline cannot be guarded as built."""
+        if not self.sites(pipe):
+            raise UnsupportedPipelineError(f"cannot guard {type(pipe).__name__}: it has no attention layer over text")
+
+    # -- structure ---------------------------------------------------------------------------
+    def denoiser(self, pipe: Any) -> torch.nn.Module:
+        model = getattr(pipe, self.denoiser_attr, None)
+        if not isinstance(model, torch.nn.Module):
+            raise UnsupportedPipelineError(
+                f"cannot guard {type(pipe).__name__}: its {self.denoiser_attr!r} is {type(model).__name__}, not a module"
+            )
+        if hasattr(model, "_orig_mod"):  # torch.compile's wrapper: hooks on inner modules may never run
+            raise UnsupportedPipelineError(
+                f"cannot guard {type(pipe).__name__}: its {self.denoiser_attr} is compiled with torch.compile; "
+                "guard the uncompiled model (compiled graphs can skip the guard's hooks)"
+            )
+        return model
+
+    def sites(self, pipe: Any) -> tuple[Site, ...]:
+        raise NotImplementedError
+
+    def expected_sites(self, sites: Sequence[Site], kwargs: dict[str, Any]) -> Sequence[Site]:
+        """The sites a denoiser call with these keyword arguments runs (all by default)."""
+        return sites
+
+    def text_for_sites(self, denoiser: torch.nn.Module, embeddings: torch.Tensor) -> torch.Tensor:
+        """Concept embeddings as the attention layers receive text (after any caption
+        projection the denoiser applies). Cross-attention families only."""
+        return embeddings
+
+    # -- concepts ----------------------------------------------------------------------------
+    def encoding_options(self, pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The settings of a call that change how a prompt is encoded (``clip_skip``, a T5
+        sequence length, ...): concepts are encoded with the same ones, and plans are cached
+        per value."""
+        return {"clip_skip": kwargs.get("clip_skip")}
+
+    def positions(self, pipe: Any, text: str, concept_id: str, options: dict[str, Any]) -> tuple[int, ...]:
+        """Slots of the concept's own tokens in its encoding (ConceptError if it cannot be encoded)."""
+        raise NotImplementedError
+
+    def encode(self, pipe: Any, texts: Sequence[str], ids: Sequence[str], options: dict[str, Any]) -> ConceptEncoding:
+        raise NotImplementedError
+
+    # -- one call ----------------------------------------------------------------------------
+    def prompt_embeddings(self, result: Any, call_index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """From the return value of the pipeline's ``encode_prompt`` (its ``call_index``-th call
+        in this generation): ``(prompt rows, negative rows)`` as the denoiser will see them."""
+        raise NotImplementedError
+
+    def denoiser_text(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """The text states a denoiser call receives (``encoder_hidden_states``)."""
+        value = kwargs.get("encoder_hidden_states")
+        if value is None and len(args) >= 3:
+            value = args[2]
+        return value if isinstance(value, torch.Tensor) else None
+
+    def batch_size(self, args: tuple, kwargs: dict[str, Any]) -> int:
+        sample = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        return int(sample.shape[0])
+
+    def ride_along(self, args: tuple, kwargs: dict[str, Any], tokens: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+        """Joint families: the call's arguments with ``tokens`` ``(T_c, D)`` appended to every
+        row's text sequence."""
+        raise NotImplementedError

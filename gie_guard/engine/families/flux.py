@@ -1,0 +1,106 @@
+"""Flux (dev, schnell, Kontext, Fill): double-stream blocks over ``[text; image]`` with
+rotary positions, then single-stream blocks over the concatenated sequence.
+
+The text sequence is T5's (``max_sequence_length`` slots, 512 by default); CLIP only gives
+the pooled vector that conditions every block's modulation, which attention cannot reach:
+a concept carried by the pooled vector alone is not inhibited (docs/families.md). A concept's
+own tokens are the non-special T5 ids; they and the end token ride along with text position
+ids of zero, as the pipeline gives its prompt. There is no classifier-free-guidance batch:
+every row carries the prompt; with ``true_cfg_scale > 1`` the pipeline makes a second
+denoiser call with the negative prompt, which is left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ...errors import UnsupportedPipelineError
+from .base import ConceptEncoding, Family, Site, concept_slots
+from .pixart import _call_default
+from .sd3 import ride_along_slots
+
+__all__ = ["Flux"]
+
+
+class Flux(Family):
+    name = "flux"
+    pipelines = (
+        "FluxPipeline",
+        "FluxImg2ImgPipeline",
+        "FluxInpaintPipeline",
+        "FluxKontextPipeline",
+        "FluxFillPipeline",
+    )
+    refused = {
+        "FluxControlNetPipeline": "the Flux ControlNet's own blocks see the prompt unguarded",
+        "FluxControlNetImg2ImgPipeline": "the Flux ControlNet's own blocks see the prompt unguarded",
+        "FluxControlNetInpaintPipeline": "the Flux ControlNet's own blocks see the prompt unguarded",
+        "FluxPriorReduxPipeline": "Redux conditions on image embeddings gie_guard cannot inhibit",
+    }
+    joint = True
+    text_first = True
+    default_sink = "image"
+    shared_kwargs = frozenset({"txt_ids", "img_ids"})  # positions, not per batch row
+
+    def check(self, pipe: Any) -> None:
+        super().check(pipe)
+        for site in self.sites(pipe):
+            if getattr(site.module, "fused_projections", False):
+                raise UnsupportedPipelineError(
+                    f"cannot guard {type(pipe).__name__}: {site.name} runs fused QKV projections, which gie_guard does "
+                    "not reproduce in joint attention; call transformer.unfuse_qkv_projections() first"
+                )
+
+    def sites(self, pipe: Any) -> tuple[Site, ...]:
+        model = self.denoiser(pipe)
+        double = [
+            Site(name=f"transformer_blocks.{i}.attn", module=b.attn, kind="joint", block=i)
+            for i, b in enumerate(getattr(model, "transformer_blocks", ()))
+        ]
+        n = len(double)
+        single = [
+            Site(name=f"single_transformer_blocks.{i}.attn", module=b.attn, kind="single", block=n + i)
+            for i, b in enumerate(getattr(model, "single_transformer_blocks", ()))
+        ]
+        return tuple(double + single)
+
+    def encoding_options(self, pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        length = kwargs.get("max_sequence_length") or _call_default(pipe, "max_sequence_length", 512)
+        return {"max_sequence_length": int(length)}
+
+    def _slots(self, pipe: Any, text: str, concept_id: str, options: dict[str, Any]) -> tuple[list[int], list[int]]:
+        tokenizer = pipe.tokenizer_2
+        ids, own = concept_slots(tokenizer, text, concept_id, max_length=options["max_sequence_length"])
+        return own, ride_along_slots(ids, own, tokenizer.eos_token_id)
+
+    def positions(self, pipe: Any, text: str, concept_id: str, options: dict[str, Any]) -> tuple[int, ...]:
+        return tuple(self._slots(pipe, text, concept_id, options)[0])
+
+    def encode(self, pipe: Any, texts: Sequence[str], ids: Sequence[str], options: dict[str, Any]) -> ConceptEncoding:
+        slots = [self._slots(pipe, t, i, options) for t, i in zip(texts, ids)]
+        embeds = pipe.encode_prompt(
+            prompt=list(texts), prompt_2=None, device=pipe._execution_device, num_images_per_prompt=1,
+            max_sequence_length=options["max_sequence_length"],
+        )[0]
+        return ConceptEncoding(
+            embeddings=embeds.detach(),
+            positions=tuple(tuple(own) for own, _ in slots),
+            ride_along=tuple(tuple(carried) for _, carried in slots),
+        )
+
+    def prompt_embeddings(self, result: Any, call_index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        # (embeds, pooled, text ids); with true CFG the pipeline encodes the negative prompt second
+        return (result[0], None) if call_index == 0 else (None, result[0])
+
+    def ride_along(self, args: tuple, kwargs: dict[str, Any], tokens: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+        text = kwargs["encoder_hidden_states"]
+        extra = tokens.to(device=text.device, dtype=text.dtype)[None].expand(text.shape[0], -1, -1)
+        new = {**kwargs, "encoder_hidden_states": torch.cat([text, extra], dim=1)}
+        ids = kwargs.get("txt_ids")
+        if ids is not None:
+            ids2 = ids[0] if ids.ndim == 3 else ids
+            new["txt_ids"] = torch.cat([ids2, ids2.new_zeros(tokens.shape[0], ids2.shape[-1])], dim=0)
+        return args, new

@@ -1,0 +1,172 @@
+"""Literal references of GIE, built by hand, for tests and benchmarks.
+
+Each reference writes out the full attention matrix of one layer with the concepts'
+columns inserted at weight ``-w`` (GIE eq. 8), row by row, with explicit softmaxes, under
+the definition of ``M_c`` the engine states for that family (docs/families.md). The
+engine must agree with them within 1e-5 relative; they are deliberately slow and plain.
+
+``engine_layer`` runs one attention layer through the engine exactly as inside a guarded
+denoising step, so a layer can be compared with its reference without a whole pipeline run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["engine_layer", "literal_cross_attention", "literal_joint_attention"]
+
+
+def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(S, h*d) -> (h, S, d)"""
+    return x.view(x.shape[0], heads, -1).transpose(0, 1)
+
+
+@torch.no_grad()
+def literal_cross_attention(
+    attn: Any,
+    hidden: torch.Tensor,
+    text: torch.Tensor,
+    concepts: Sequence[tuple[torch.Tensor, Sequence[int], torch.Tensor]],
+    cond_rows: Sequence[int],
+    insert_at: Sequence[int],
+    *,
+    sink: str = "own",
+    text_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One cross-attention layer (before ``to_out[1]``, after ``to_out[0]``) with GIE.
+
+    ``concepts``: (encoding (T, D) as the layer receives text, own-token slots J, w over J).
+    For rows in ``cond_rows`` the concept columns ``-w_j M_c[:, j]`` and values ``V_c[j]`` are
+    inserted into the prompt's map at column ``insert_at[row]`` (before its end token).
+    ``sink="own"``: ``M_c`` is the softmax over the concept's whole encoding (the paper's
+    rule); ``"prompt"``: the concept's own tokens compete with the prompt's (unmasked)
+    columns in one softmax. ``text_mask`` (B, T) marks the prompt's real slots."""
+    heads = attn.heads
+    rows = []
+    for b in range(hidden.shape[0]):
+        q = _split(attn.to_q(hidden[b]), heads)  # (h, N, d)
+        d = q.shape[-1]
+        kp, vp = _split(attn.to_k(text[b]), heads), _split(attn.to_v(text[b]), heads)
+        logits = q @ kp.transpose(-1, -2) / math.sqrt(d)  # (h, N, T)
+        if text_mask is not None:
+            logits = logits.masked_fill(~text_mask[b].bool(), float("-inf"))
+        maps, values = torch.softmax(logits, dim=-1), vp
+        if b in cond_rows:
+            at = insert_at[b]
+            for enc, own, w in concepts:
+                kc, vc = _split(attn.to_k(enc), heads), _split(attn.to_v(enc), heads)
+                lc = q @ kc.transpose(-1, -2) / math.sqrt(d)  # (h, N, T_c)
+                j = list(own)
+                if sink == "own":
+                    mc = torch.softmax(lc, dim=-1)[..., j]
+                else:
+                    both = torch.cat([logits, lc[..., j]], dim=-1)
+                    mc = torch.softmax(both, dim=-1)[..., logits.shape[-1]:]
+                maps = torch.cat([maps[..., :at], -w * mc, maps[..., at:]], dim=-1)
+                values = torch.cat([values[:, :at], vc[:, j], values[:, at:]], dim=1)
+        o = (maps @ values).transpose(0, 1).reshape(q.shape[1], -1)
+        rows.append(attn.to_out[0](o))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def literal_joint_attention(
+    attn: Any,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    concept_states: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    cond_rows: Sequence[int],
+    *,
+    single: bool = False,
+    rotary: Any = None,
+    sink: str = "image",
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One joint-attention block with GIE, by hand: the image tokens' attention outputs
+    (before ``to_out``) and, per concept, its carried tokens' outputs.
+
+    ``image`` (B, N, D) and ``text`` (B, T, D) are the block's normed inputs; ``single``: a
+    Flux single-stream block (text projected by the same weights as the image). Per concept,
+    ``concept_states`` holds its carried tokens' states at this block (B, T_c, D) and w over
+    them (T_c,). For prompt rows the image queries' map over ``[image keys; prompt keys]``
+    gets each concept's columns at weight ``-w M_c``, with ``M_c = exp(s_c) / (Z_sink + Z_c)``
+    where the sink is the image keys (``sink="image"``) or image and prompt keys
+    (``"prompt"``); each concept's own tokens attend over ``[image keys; their own keys]``.
+    ``rotary`` (Flux): cos/sin over ``[prompt; concepts; image]`` positions."""
+
+    def project(x: torch.Tensor, text_side: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if text_side and not single:
+            q, k, v = attn.add_q_proj(x), attn.add_k_proj(x), attn.add_v_proj(x)
+            nq, nk = attn.norm_added_q, attn.norm_added_k
+        else:
+            q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+            nq, nk = attn.norm_q, attn.norm_k
+        d = k.shape[-1] // attn.heads
+        q, k, v = (t.unflatten(-1, (-1, d)) for t in (q, k, v))  # (S, h, d)
+        return (nq(q) if nq is not None else q), (nk(k) if nk is not None else k), v
+
+    def rope(x: torch.Tensor, at: slice) -> torch.Tensor:
+        if rotary is None:
+            return x
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        cos, sin = rotary
+        return apply_rotary_emb(x[None], (cos[at], sin[at]), sequence_dim=1)[0]
+
+    n, t = image.shape[1], text.shape[1]
+    t_c = [c.shape[1] for c, _ in concept_states]
+    img_at = slice(t + sum(t_c), t + sum(t_c) + n)
+    out_image: list[torch.Tensor] = []
+    out_concepts: list[list[torch.Tensor]] = [[] for _ in concept_states]
+    for b in range(image.shape[0]):
+        qi, ki, vi = project(image[b], text_side=False)
+        qt, kt, vt = project(text[b], text_side=True)
+        qi, ki = rope(qi, img_at), rope(ki, img_at)
+        qt, kt = rope(qt, slice(0, t)), rope(kt, slice(0, t))
+        qi, ki, vi, qt, kt, vt = (x.transpose(0, 1) for x in (qi, ki, vi, qt, kt, vt))  # (h, S, d)
+        d = qi.shape[-1]
+        keys, values = torch.cat([ki, kt], dim=1), torch.cat([vi, vt], dim=1)
+        logits = qi @ keys.transpose(-1, -2) / math.sqrt(d)  # (h, N, N + T)
+        maps = torch.softmax(logits, dim=-1)
+        at = n
+        for c, (states, w) in enumerate(concept_states):
+            qc, kc, vc = project(states[b], text_side=True)
+            lo = t + sum(t_c[:c])
+            qc, kc = rope(qc, slice(lo, lo + t_c[c])), rope(kc, slice(lo, lo + t_c[c]))
+            qc, kc, vc = (x.transpose(0, 1) for x in (qc, kc, vc))
+            own = torch.softmax(qc @ torch.cat([ki, kc], dim=1).transpose(-1, -2) / math.sqrt(d), dim=-1)
+            out_concepts[c].append((own @ torch.cat([vi, vc], dim=1)).transpose(0, 1).reshape(t_c[c], -1))
+            if b in cond_rows:
+                lc = qi @ kc.transpose(-1, -2) / math.sqrt(d)
+                sink_logits = logits[..., :n] if sink == "image" else logits
+                mc = torch.exp(lc - torch.logsumexp(torch.cat([sink_logits, lc], dim=-1), dim=-1, keepdim=True))
+                maps = torch.cat([maps[..., :at], -w * mc, maps[..., at:]], dim=-1)
+                values = torch.cat([values[:, :at], vc, values[:, at:]], dim=1)
+                at += t_c[c]
+        out_image.append((maps @ values).transpose(0, 1).reshape(n, -1))
+    return torch.stack(out_image), [torch.stack(o) for o in out_concepts]
+
+
+@contextlib.contextmanager
+def engine_layer(pipe: Any, plan: Any, rows: Sequence[int], *, active: bool = True) -> Iterator[Any]:
+    """Inside the block, direct calls of ``pipe``'s attention layers run through the engine as
+    in a guarded denoising step whose prompt rows are ``rows`` (measuring at step 0)."""
+    from ..engine.call import EngineCall, _as_index
+
+    call = EngineCall(pipe, plan)
+    call.install()
+    try:
+        call.rows = _as_index(tuple(rows))
+        call.active = active
+        call.measuring = True
+        call._riding = plan.family.joint
+        if plan.family.joint:  # the caller appends the concepts' carried tokens after `text_length` prompt tokens
+            call.concept_length = int(sum(len(s) for s in plan.ride_along))
+            call.concept_spans = plan.ride_along_spans
+        yield call
+    finally:
+        call.remove()
