@@ -7,20 +7,19 @@ unguarded and guarded, beside the two images (in the manner of the GIE paper's F
 
 or ``gie-guard explain --prompt "a red circle" --policy shapes-demo --out explain.png``.
 
-The maps are recorded by forward pre-hooks on the UNet's cross-attention modules, beside
-whatever processors run (the guard's included), so the engine's hot path is untouched.
-At every step and cross-attention layer the hook computes, for the conditional rows,
-``M_c = softmax(Q K_c^T / sqrt(d))`` with the concept's own encoding ``K_c = to_k(E_c)`` (as
-the engine does), sums it over the concept's own token slots and averages over heads, the
-conditional batch and the layers of one resolution (the highest by default). A value is the
-share of the concept's attention that falls on its tokens at that pixel: where the concept
+The maps come from the engine itself (it hands them to observers: gie_guard.engine.observing),
+so a picture shows exactly the ``M_c`` the inhibitor uses, for every family: at every step and
+attention site, the concept's map summed over its own token slots, averaged over heads, the
+rows that carry the prompt and the sites of one resolution (the highest by default). A value
+is the share of a position's attention that falls on the concept's tokens: where the concept
 "grows" in the image.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .engine import guarded_call, observing
 from .errors import ConceptError
 
 __all__ = ["Explanation", "concept_recorder", "explain", "record_concept_maps", "render_figure"]
@@ -49,112 +49,77 @@ class Explanation:
 
 
 class _Recorder:
-    """Hooks on one call: per step, per layer resolution, the summed concept map (N,) list."""
+    """An engine observer (gie_guard.engine.MapObserver) keeping one concept's map per step and
+    attention site: the share of each position's attention on the concept's own tokens,
+    averaged over heads and the rows that carry the prompt."""
 
-    def __init__(self, pipe: Any, keys: dict[str, torch.Tensor], positions: Sequence[int]) -> None:
-        self.pipe = pipe
-        self.keys = keys  # module name -> concept encoding E_c (T, D), on the UNet's device
-        self.positions = list(positions)
-        self.step = -1
-        self.latent_hw: tuple[int, int] = (0, 0)
-        self.maps: dict[int, dict[str, torch.Tensor]] = {}  # step -> module name -> map (N,)
-        self._handles: list[Any] = []
+    def __init__(self, row: int, aspect: float = 1.0) -> None:
+        self.row = row  # the concept's row in the plan
+        self.aspect = aspect  # height / width of the images, to lay positions out in a grid
+        self.maps: dict[int, dict[str, torch.Tensor]] = {}  # step -> site -> (N,)
 
-    def __enter__(self) -> _Recorder:
-        unet = self.pipe.unet
-        self._handles.append(unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
-        for name in self.keys:
-            module = unet.get_submodule(name)
-            self._handles.append(module.register_forward_pre_hook(self._hook(name), with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-    def _on_unet(self, _module: Any, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs["sample"]
-        self.step += 1
-        self.latent_hw = tuple(sample.shape[-2:])  # type: ignore[assignment]
-
-    def _hook(self, name: str):
-        def hook(attn: Any, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if kwargs.get("encoder_hidden_states") is None and len(args) < 2:
-                return
-            with torch.no_grad():
-                self._record(attn, name, hidden)
-
-        return hook
-
-    def _record(self, attn: Any, name: str, hidden: torch.Tensor) -> None:
-        if hidden.ndim == 4:  # (B, C, H, W) -> (B, N, C)
-            hidden = hidden.flatten(2).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden = attn.group_norm(hidden.transpose(1, 2)).transpose(1, 2)
-        batch = hidden.shape[0]
-        if getattr(self.pipe, "do_classifier_free_guidance", False) and batch % 2 == 0:
-            hidden = hidden[batch // 2 :]  # [unconditional; conditional]: the prompt's half
-        heads = attn.heads
-        head_dim = attn.to_k.out_features // heads
-        query = attn.to_q(hidden).view(hidden.shape[0], -1, heads, head_dim).transpose(1, 2)  # (Bc, h, N, d)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        embeds = self.keys[name][None]
-        if attn.norm_cross:
-            embeds = attn.norm_encoder_hidden_states(embeds)
-        key = attn.to_k(embeds).view(1, -1, heads, head_dim).transpose(1, 2)  # (1, h, T, d)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        maps = torch.softmax((query @ key.transpose(-1, -2)).float() * attn.scale, dim=-1)  # (Bc, h, N, T)
-        share = maps[..., self.positions].sum(-1).mean(dim=(0, 1))  # (N,)
-        self.maps.setdefault(self.step, {})[name] = share.cpu()
+    def on_maps(self, step: int, site: Any, shares: list[torch.Tensor]) -> None:
+        self.maps.setdefault(step, {})[site.name] = shares[self.row].mean(dim=(0, 1)).float().cpu()
 
     def layer_means(self, step: int) -> dict[str, float]:
-        """Module name -> the map's mean over pixels at ``step`` (step 0 equals the engine's
+        """Site name -> the map's mean over positions at ``step`` (step 0 equals the engine's
         ``AppliedConcept.attention_per_layer``)."""
         return {name: float(m.mean()) for name, m in self.maps[step].items()}
 
-    def stacked(self, resolution: int | None) -> np.ndarray:
-        """(steps, h, w): per step, the mean over the layers with ``resolution`` pixels
-        (default: the most pixels)."""
+    def stacked(self, resolution: int | None = None) -> np.ndarray:
+        """(steps, h, w): per step, the mean over the sites with ``resolution`` positions
+        (default: the most)."""
         if not self.maps:
-            raise RuntimeError("no cross-attention call was recorded")
+            raise RuntimeError("no attention site was recorded")
         sizes = sorted({m.shape[0] for per_step in self.maps.values() for m in per_step.values()})
         n = resolution if resolution is not None else sizes[-1]
         if n not in sizes:
-            raise ValueError(f"no cross-attention layer has {n} pixels (have {sizes})")
-        lh, lw = self.latent_hw
-        factor = math.sqrt(lh * lw / n)
-        h, w = max(1, round(lh / factor)), max(1, round(lw / factor))
+            raise ValueError(f"no attention site has {n} positions (have {sizes})")
+        h = max(1, round(math.sqrt(n * self.aspect)))
+        w = n // h
         out = []
         for step in sorted(self.maps):
             layers = [m for m in self.maps[step].values() if m.shape[0] == n]
-            out.append(torch.stack(layers).mean(0).view(h, w).numpy())
+            out.append(torch.stack(layers).mean(0)[: h * w].view(h, w).numpy())
         return np.stack(out)
 
 
-def concept_recorder(pipe: Any, guard: Any, concept_id: str) -> _Recorder:
-    """A context manager that records ``concept_id``'s maps in every call of ``pipe`` within
-    it (guarded or not); read them with ``.stacked()`` or ``.layer_means(step)``."""
-    plan = guard.plan_for(pipe)
+def _concept_row(plan: Any, concept_id: str) -> int:
     ids = [spec.id for spec in plan.concepts]
     if concept_id not in ids:
         raise ConceptError(f"not in the active policy (concepts: {', '.join(ids) or 'none'})", concept_id=concept_id)
-    row = ids.index(concept_id)
-    embeds = plan.embeddings[row].to(device=pipe.unet.device, dtype=pipe.unet.dtype)
-    modules = {name.removesuffix(".processor"): embeds for name in plan.layer_names}
-    return _Recorder(pipe, modules, plan.token_positions[row])
+    return ids.index(concept_id)
+
+
+@contextlib.contextmanager
+def concept_recorder(pipe: Any, guard: Any, concept_id: str, **call: Any) -> Iterator[_Recorder]:
+    """Within the block, every guarded call of ``pipe`` records ``concept_id``'s maps; read them
+    with ``.stacked()`` or ``.layer_means(step)``."""
+    plan = guard.plan_for(pipe, **call)
+    recorder = _Recorder(_concept_row(plan, concept_id), _aspect(call))
+    with observing(pipe, recorder):
+        yield recorder
 
 
 def record_concept_maps(
     pipe: Any, guard: Any, concept_id: str, call: dict[str, Any], *, guarded: bool, resolution: int | None = None
 ) -> tuple[Any, np.ndarray]:
-    """Run ``pipe(**call)`` (through ``guard`` when ``guarded``) and record ``concept_id``'s
-    attention maps over the steps; returns (the pipeline output, maps (steps, h, w))."""
-    with concept_recorder(pipe, guard, concept_id) as recorder:
-        output = guard(pipe, **call) if guarded else pipe(**call)
+    """Run ``pipe(**call)`` (through ``guard`` when ``guarded``, else with nothing inhibited)
+    and record ``concept_id``'s maps over the steps: (the pipeline output, maps (steps, h, w))."""
+    plan = guard.plan_for(pipe, **call)
+    recorder = _Recorder(_concept_row(plan, concept_id), _aspect(call))
+    if guarded:
+        with observing(pipe, recorder):
+            output = guard(pipe, **call)
+    else:
+        with guarded_call(pipe, plan, observers=[recorder], inhibit=False):
+            output = pipe(**call)
     return output, recorder.stacked(resolution)
+
+
+def _aspect(call: dict[str, Any]) -> float:
+    height, width = call.get("height"), call.get("width")
+    return float(height) / float(width) if height and width else 1.0
 
 
 def explain(
@@ -171,7 +136,7 @@ def explain(
 ) -> Explanation:
     """Generate ``prompt`` unguarded and guarded with the same seed, record ``concept``'s
     maps (default: the policy's first concept) in both, and draw the figure."""
-    plan = guard.plan_for(pipe)
+    plan = guard.plan_for(pipe, **call)
     if not plan.concepts:
         raise ConceptError("the policy has no concept to explain")
     concept_id = concept or plan.concepts[0].id

@@ -223,9 +223,10 @@ class Guard:
         finally:
             pipe.__class__ = cls
 
-    def plan_for(self, pipe: Any, snapshot: PolicySnapshot | None = None, *, clip_skip: int | None = None) -> Plan:
-        """The compiled plan of ``snapshot`` (default: the live policy) for ``pipe``; cached."""
-        return self._plan(pipe, snapshot or self._store.current, {"clip_skip": clip_skip})[0]
+    def plan_for(self, pipe: Any, snapshot: PolicySnapshot | None = None, **call: Any) -> Plan:
+        """The compiled plan of ``snapshot`` (default: the live policy) for ``pipe`` called with
+        ``call``'s keyword arguments (those that change encodings: clip_skip, max_sequence_length...); cached."""
+        return self._plan(pipe, snapshot or self._store.current, call)[0]
 
     def _plan(self, pipe: Any, snapshot: PolicySnapshot, kwargs: Mapping[str, Any]) -> tuple[Plan, float]:
         """The cached plan, and the seconds spent compiling it now (0 when it was cached)."""

@@ -11,7 +11,7 @@ Layout: ``families/`` (what each pipeline family is: sites, encodings, rows), ``
 """
 
 from ..window import StepWindow
-from .call import CallRecord, MapObserver, ScaleSource, denoiser_lock, guarded_call
+from .call import CallRecord, MapObserver, ScaleSource, denoiser_lock, guarded_call, observing
 from .families import Family, Site, family_for, supported_pipelines
 from .plan import ConceptSpec, Plan, compile_plan
 
@@ -28,5 +28,6 @@ __all__ = [
     "denoiser_lock",
     "family_for",
     "guarded_call",
+    "observing",
     "supported_pipelines",
 ]

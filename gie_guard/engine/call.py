@@ -36,11 +36,12 @@ import torch
 
 from ..errors import GuardedCallError, UnsupportedPipelineError
 from .cross import CrossSite, accepted
+from .families import family_for
 from .families.base import Site
 from .joint import JointInhibitorProcessor, joint_processor_classes
 from .plan import Plan
 
-__all__ = ["CallRecord", "EngineCall", "MapObserver", "ScaleSource", "guarded_call", "denoiser_lock"]
+__all__ = ["CallRecord", "EngineCall", "MapObserver", "ScaleSource", "denoiser_lock", "guarded_call", "observing"]
 
 log = logging.getLogger("gie_guard.engine")
 
@@ -57,10 +58,11 @@ class ScaleSource(Protocol):
 
 
 class MapObserver(Protocol):
-    """Receives each concept's attention maps at every step (pictures): per site, a tensor
-    ``(Bc, h, N, C, T)`` (cross sites) or a list of ``(Bc, h, N, T_c)`` (joint sites)."""
+    """Receives, at every step and attention site, each concept's map summed over its own
+    tokens: a list (one per concept) of ``(rows, heads, N)`` float32 tensors, N the image
+    positions of the site (pictures: gie_guard.explain)."""
 
-    def on_maps(self, step: int, site: Site, maps: Any) -> None: ...
+    def on_maps(self, step: int, site: Site, shares: list[torch.Tensor]) -> None: ...
 
 
 @dataclass
@@ -89,6 +91,7 @@ _MISSING = object()
 # -- locks ------------------------------------------------------------------------------------
 
 _LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_OBSERVERS: weakref.WeakKeyDictionary[Any, list[MapObserver]] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 _ACTIVE: weakref.WeakKeyDictionary[Any, EngineCall] = weakref.WeakKeyDictionary()
 
@@ -358,7 +361,7 @@ class EngineCall:
         joint = self.family.joint
         # A joint family measures only where its own attention runs anyway (an inhibited step,
         # a probe pass, an observe-only call): elsewhere the block's processor must run untouched.
-        may_ride = self.active or not self.inhibit or not joint
+        may_ride = self.active or not self.inhibit or not joint or bool(self.observers)
         self.measuring = wants and may_ride and self.step == 0 and not record.first_step_attention
         self.observing = wants and may_ride and bool(self.observers)
         if self.active:
@@ -407,7 +410,9 @@ class EngineCall:
     def _announced_steps(self) -> int:
         pipe = self.pipe
         total = pipe.__dict__.get("_num_timesteps")  # cleared at install: only this call's value counts
-        if total is None and self.family.steps_from_scheduler:
+        if total is None:
+            # Pipelines that do not record it (PixArt, T2I-Adapter) loop over every timestep set; one
+            # that loops over fewer without saying so ends with fewer steps than this and is withheld.
             timesteps = getattr(pipe.scheduler, "timesteps", None)
             total = len(timesteps) if timesteps is not None else None
         if not isinstance(total, int) or total <= 0:
@@ -525,6 +530,20 @@ def _rows_of(value: Any, index: slice | torch.Tensor, batch: int) -> Any:
 
 
 @contextlib.contextmanager
+def observing(pipe: Any, observer: MapObserver) -> Iterator[MapObserver]:
+    """Within the block, every guarded call of ``pipe`` (by any code) hands its maps to
+    ``observer`` too (pictures of calls a Guard makes)."""
+    denoiser = family_for(pipe).denoiser(pipe)
+    with _LOCKS_GUARD:
+        _OBSERVERS.setdefault(denoiser, []).append(observer)
+    try:
+        yield observer
+    finally:
+        with _LOCKS_GUARD:
+            _OBSERVERS.get(denoiser, []).remove(observer)
+
+
+@contextlib.contextmanager
 def guarded_call(
     pipe: Any,
     plan: Plan,
@@ -538,6 +557,8 @@ def guarded_call(
     An empty plan with no observer installs nothing: the call is bit-identical."""
     family = plan.family
     denoiser = family.denoiser(pipe)
+    with _LOCKS_GUARD:
+        observers = (*observers, *_OBSERVERS.get(denoiser, ()))
     with _locked([denoiser, getattr(pipe, "scheduler", None)]):
         if plan.is_empty and not observers:
             yield CallRecord(family=family.name, pipeline_class=type(pipe).__name__)

@@ -129,8 +129,10 @@ class CrossSite:
             maps = [attention.concept_maps(q, k, scale=scale, sink_lse=sink) for k, _, _ in concepts]
             if call.measuring:
                 call.measured(self.site, call.to_plan_slots([m.mean(dim=(0, 1, 2)) for m in maps], self.slots))
-            if call.observing:
-                call.observe(self.site, maps)
+            if call.observing:  # the share of each pixel's map on the concept's own tokens
+                own = [[i for i, slot in enumerate(slots) if slot in set(call.plan.token_positions[c])]
+                       for c, slots in enumerate(self.slots)]
+                call.observe(self.site, [m[..., cols].sum(-1) for m, cols in zip(maps, own)])
         if call.active:
             scales = call.scales_for(q.shape[0])
             with_w = [(k, v, scales[..., c, slots]) for c, (k, v, slots) in enumerate(concepts)]

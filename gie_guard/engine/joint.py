@@ -169,8 +169,10 @@ class JointInhibitorProcessor:
             maps = [attention.concept_maps(q_img, kc, scale=scale, sink_lse=sink) for kc, _ in per_concept]
             if call.measuring:
                 call.measured(self.site, call.to_plan_slots([m.mean(dim=(0, 1, 2)) for m in maps], slots))
-            if call.observing:
-                call.observe(self.site, maps)
+            if call.observing:  # the share of each pixel's map on the concept's own tokens
+                own = [[i for i, slot in enumerate(slots[c]) if slot in set(call.plan.token_positions[c])]
+                       for c in range(len(slots))]
+                call.observe(self.site, [m[..., cols].sum(-1) for m, cols in zip(maps, own)])
         o_img_p = o_p[:, :, img_q]
         if call.active:
             scales = call.scales_for(q_img.shape[0])

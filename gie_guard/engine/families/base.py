@@ -92,8 +92,6 @@ class Family:
     # what competes with a concept's tokens in its map: "own" (its own encoding's other slots,
     # the paper's rule), "prompt" (the prompt's columns), "image" (a joint block's image keys)
     default_sink: ClassVar[str] = "own"
-    # the pipeline does not record its step count: read it from the scheduler's timesteps
-    steps_from_scheduler: ClassVar[bool] = False
     # denoiser keyword arguments that are not per batch row (never sliced for a probe pass)
     shared_kwargs: ClassVar[frozenset[str]] = frozenset()
 

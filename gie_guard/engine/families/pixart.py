@@ -40,7 +40,6 @@ class PixArt(Family):
     name = "pixart"
     pipelines = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
     default_sink = "prompt"
-    steps_from_scheduler = True  # PixArt's pipelines do not record their step count
 
     def sites(self, pipe: Any) -> tuple[Site, ...]:
         model = self.denoiser(pipe)
@@ -85,7 +84,6 @@ class PixArt(Family):
 class Sana(PixArt):
     name = "sana"
     pipelines = ("SanaPipeline",)
-    steps_from_scheduler = False
 
     def encoding_options(self, pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         options = super().encoding_options(pipe, kwargs)

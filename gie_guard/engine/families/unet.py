@@ -83,6 +83,14 @@ class StableDiffusion(_UNetFamily):
         "StableDiffusionPipeline",
         "StableDiffusionImg2ImgPipeline",
         "StableDiffusionInpaintPipeline",
+        "StableDiffusionControlNetPipeline",
+        "StableDiffusionControlNetImg2ImgPipeline",
+        "StableDiffusionControlNetInpaintPipeline",
+        "StableDiffusionAdapterPipeline",
+        "StableDiffusionPAGPipeline",
+        "StableDiffusionPAGImg2ImgPipeline",
+        "StableDiffusionPAGInpaintPipeline",
+        "StableDiffusionControlNetPAGPipeline",
     )
 
 
@@ -92,6 +100,14 @@ class StableDiffusionXL(_UNetFamily):
         "StableDiffusionXLPipeline",
         "StableDiffusionXLImg2ImgPipeline",
         "StableDiffusionXLInpaintPipeline",
+        "StableDiffusionXLControlNetPipeline",
+        "StableDiffusionXLControlNetImg2ImgPipeline",
+        "StableDiffusionXLControlNetInpaintPipeline",
+        "StableDiffusionXLAdapterPipeline",
+        "StableDiffusionXLPAGPipeline",
+        "StableDiffusionXLPAGImg2ImgPipeline",
+        "StableDiffusionXLPAGInpaintPipeline",
+        "StableDiffusionXLControlNetPAGPipeline",
     )
 
     def _encode(self, pipe: Any, texts: list[str], clip_skip: int | None) -> torch.Tensor:
