@@ -9,6 +9,7 @@ import inspect
 import logging
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from .adapters import AdapterLibrary, AdapterScales, AutoChoice, Fingerprint, check_feature_pass
 from .engine import CallRecord, ConceptSpec, Plan, StepWindow, compile_plan, family_for, guarded_call
 from .errors import ConfigurationError, ContentBlockedError, GuardError, PolicyError
+from .logs import install_log_filters
 from .metrics import GuardMetrics
 from .policy import PolicySnapshot, PolicyStore
 from .report import AppliedConcept, GuardedOutput, GuardReport
@@ -82,7 +84,8 @@ class Guard:
     ``scale: auto`` concepts get their scale from an adapter (docs/adapters.md): ``adapters``
     names extra folders, files or adapter objects; ``feature_pass`` is ``"auto"``,
     ``"probe"`` or ``"reuse"``. ``sink`` overrides what competes with a concept in its
-    attention map (docs/families.md; default: the family's own rule).
+    attention map, ``text_states`` and ``carry`` how a joint-attention family carries the
+    concept's tokens (docs/families.md; the defaults are the measured choices).
 
     Metrics go to ``metrics`` (a :class:`GuardMetrics`; default: the one on prometheus'
     global registry). ``verifiers`` adds or replaces verifiers by name for the policy's
@@ -104,15 +107,19 @@ class Guard:
         feature_pass: str = "auto",
         policy_roots: Any = (),
         sink: str | None = None,
+        text_states: str = "ride-along",
+        carry: str = "own",
+        preserve: str = "compete",
+        name: str | None = None,
     ) -> None:
-        from .logs import install_log_filters
-
         install_log_filters()
         if sink not in _SINKS:
             raise ConfigurationError(f"sink must be one of own, prompt, image (or None), got {sink!r}")
         if on_report is not None and not callable(on_report):
             raise ConfigurationError("on_report must be callable")
         self._sink = sink
+        # measured choices of the engine (docs/families.md, docs/precision.md)
+        self._engine_options = {"text_states": text_states, "carry": carry, "preserve": preserve}
         self._adapters = adapters if isinstance(adapters, AdapterLibrary) else AdapterLibrary(adapters)
         self._feature_pass = check_feature_pass(feature_pass)
         self._verifiers = {**default_verifiers(), **(verifiers or {})}
@@ -125,11 +132,19 @@ class Guard:
         self._served: weakref.WeakSet[Any] = weakref.WeakSet()  # pipelines a reload must compile for
         if metrics is not None and registry is not None:
             raise ConfigurationError("pass metrics= or registry=, not both")
-        self._metrics = metrics if metrics is not None else GuardMetrics.for_registry(registry)
+        if metrics is None and registry is None:
+            metrics = GuardMetrics.default()
+        elif metrics is None:
+            warnings.warn("Guard(registry=...) is deprecated: pass metrics=GuardMetrics(registry)",
+                          DeprecationWarning, stacklevel=2)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                metrics = GuardMetrics.for_registry(registry)  # shares the registry's object
+        self._metrics = metrics
         # the store starts its watcher last; if anything after it fails, it is stopped
         self._store = PolicyStore(policy, watch=watch, embedder=embedder, roots=policy_roots, validate=self._validate)
         try:
-            self._metrics.track(self._store)
+            self._metrics.track(self._store, guard=name)
         except BaseException:
             self._store.close()
             raise
@@ -239,7 +254,8 @@ class Guard:
         if plan is not None:
             return plan, 0.0
         specs, choices = self._concept_specs(snapshot, pipe)
-        plan = compile_plan(pipe, specs, self._window(snapshot), options=options, family=family, sink=self._sink)  # type: ignore[arg-type]
+        plan = compile_plan(pipe, specs, self._window(snapshot), options=options, family=family, sink=self._sink,  # type: ignore[arg-type]
+                            **self._engine_options)  # type: ignore[arg-type]
         with self._plans_lock:
             self._auto_choices[plan] = choices
             plans = self._plans.setdefault(pipe, {})
@@ -250,6 +266,7 @@ class Guard:
         return plan, plan.compile_seconds
 
     def _guarded_call(self, pipe: Any, args: tuple, kwargs: dict) -> GuardedOutput:
+        install_log_filters()  # loggers diffusers created since the last call (one len() otherwise)
         snapshot = self._store.current  # read once: a call never mixes two policies
         attached = getattr(type(pipe), "_gie_guard", None)
         if attached is not None and attached is not self:
@@ -258,13 +275,9 @@ class Guard:
                 "one guard guards a call: call pipe(...) to use the attached one, or put both policies in one "
                 "(include:) — nothing was generated"
             )
-        try:
-            result = self._run(snapshot, pipe, args, kwargs)
-        except ContentBlockedError:
-            raise  # counted as `blocked`
-        except Exception:
-            self._metrics.observe_error(snapshot.name)  # fail closed, but counted
-            raise
+        # counted once, by how the call ends: its verification's outcome, `blocked`, or `error`
+        with self._metrics.generation(snapshot.name) as generation:
+            result = self._run(snapshot, pipe, args, kwargs, generation)
         self._local.report = result.report
         if self._on_report is not None:
             try:
@@ -273,7 +286,7 @@ class Guard:
                 logger.exception("on_report callback %r failed; the guarded output is returned", self._on_report)
         return result
 
-    def _run(self, snapshot: PolicySnapshot, pipe: Any, args: tuple, kwargs: dict) -> GuardedOutput:
+    def _run(self, snapshot: PolicySnapshot, pipe: Any, args: tuple, kwargs: dict, generation: Any) -> GuardedOutput:
         started = time.perf_counter()
         plan, compile_seconds = self._plan(pipe, snapshot, kwargs)
         self._served.add(pipe)
@@ -283,7 +296,7 @@ class Guard:
             output = _unguarded_call(pipe)(*args, **kwargs)
         report = self._report(snapshot, plan, record, compile_seconds, time.perf_counter() - started, source)
         output, verification = run_verifiers(snapshot, output, self._verifiers)
-        self._metrics.observe(report, verification.outcome if verification else "ok", verification)
+        generation.observe(report, verification)
         _attach(output, report)
         logger.debug(
             "guarded call: policy=%s family=%s concepts=%s steps=%d/%d added=%.4fs",

@@ -36,6 +36,7 @@ __all__ = [
     "inhibitor",
     "mean_concept_map",
     "merge_partial_attention",
+    "project_off",
 ]
 
 
@@ -101,8 +102,20 @@ def _rows(x: torch.Tensor, b: int) -> torch.Tensor:
     return x[None].expand(b, *x.shape) if x.ndim == 3 else x
 
 
-# one concept: keys and values (h, T, d) or per row (B, h, T, d), scales (T,) or per row (B, T)
-ConceptKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# one concept: keys and values (h, T, d) or per row (B, h, T, d), scales (T,) or per row (B, T),
+# and optionally the keys of preservation anchors that compete for the same queries (h, n, d)
+ConceptKV = tuple  # (keys, values, w) or (keys, values, w, anchor_keys)
+
+
+def project_off(values: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``values`` with their component in the span of ``basis`` removed, per head:
+    ``(..., h, T, d)`` and ``(..., h, n, d)`` (n anchor value rows). The inhibitor then
+    subtracts nothing an anchor's values can express."""
+    if basis.shape[-2] == 0:
+        return values
+    q, _ = torch.linalg.qr(basis.float().transpose(-1, -2))  # (..., h, d, n): orthonormal columns
+    v = values.float()
+    return (v - (v @ q) @ q.transpose(-1, -2)).to(values.dtype)
 
 
 def inhibitor(
@@ -118,10 +131,14 @@ def inhibitor(
     One attention per concept: the query is never copied."""
     b = q.shape[0]
     total = torch.zeros_like(q)
-    for keys, values, w in concepts:
+    for keys, values, w, *anchors in concepts:
         w = w.to(device=values.device, dtype=values.dtype)
         v = values * (w[:, None] if w.ndim == 1 else w[:, None, :, None])  # zero rows on slots without w
         k, v = _rows(keys, b), _rows(v, b)
+        if anchors and anchors[0] is not None and anchors[0].shape[-2]:  # anchors take their share, add nothing
+            ka = _rows(anchors[0], b)
+            k = torch.cat([k, ka], dim=2)
+            v = torch.cat([v, v.new_zeros(*ka.shape[:-1], v.shape[-1])], dim=2)
         if sink_lse is None:
             total += attend(q, k, v, scale=scale, slice_size=slice_size)
         else:
@@ -130,13 +147,20 @@ def inhibitor(
     return total
 
 
-def concept_maps(q: torch.Tensor, keys: torch.Tensor, *, scale: float, sink_lse: torch.Tensor | None = None) -> torch.Tensor:
+def concept_maps(
+    q: torch.Tensor, keys: torch.Tensor, *, scale: float, sink_lse: torch.Tensor | None = None,
+    anchor_keys: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One concept's attention map ``M_c``: ``(B, h, N, T)`` float32 (its own softmax over its
-    T slots, with the sink's share taken out when ``sink_lse`` is given)."""
-    logits = (q.float() @ _rows(keys, q.shape[0]).float().transpose(-1, -2)) * scale
-    if sink_lse is None:
-        return torch.softmax(logits, dim=-1)
-    total = torch.logaddexp(torch.logsumexp(logits, dim=-1), sink_lse.float())
+    T slots, with the sink's and the anchors' shares taken out when given)."""
+    b = q.shape[0]
+    logits = (q.float() @ _rows(keys, b).float().transpose(-1, -2)) * scale
+    total = torch.logsumexp(logits, dim=-1)
+    if anchor_keys is not None and anchor_keys.shape[-2]:
+        anchor_logits = (q.float() @ _rows(anchor_keys, b).float().transpose(-1, -2)) * scale
+        total = torch.logaddexp(total, torch.logsumexp(anchor_logits, dim=-1))
+    if sink_lse is not None:
+        total = torch.logaddexp(total, sink_lse.float())
     return torch.exp(logits - total[..., None])
 
 

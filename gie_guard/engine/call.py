@@ -173,6 +173,7 @@ class EngineCall:
         self._patched: list[tuple[Any, str]] = []
         self._failure: GuardedCallError | None = None
         self._site_text: torch.Tensor | None = None
+        self._anchor_text: torch.Tensor | None = None
 
     # -- read by sites -------------------------------------------------------------------------
     def wants_query(self, site: Site) -> bool:
@@ -181,7 +182,12 @@ class EngineCall:
     def riding(self, site: Site) -> bool:
         return threading.get_ident() == self.thread and self._riding
 
-    def site_text(self) -> torch.Tensor:
+    def site_text(self, *, anchors: bool = False) -> torch.Tensor:
+        """Concept (or anchor) encodings as the attention sites receive text."""
+        if anchors:
+            if self._anchor_text is None:
+                self._anchor_text = self.family.text_for_sites(self.denoiser, self.plan.anchor_embeddings)
+            return self._anchor_text
         if self._site_text is None:
             self._site_text = self.family.text_for_sites(self.denoiser, self.plan.embeddings)
         return self._site_text
@@ -228,6 +234,8 @@ class EngineCall:
         self._patch(pipe.scheduler, "step", self._wrap_step(pipe.scheduler.step))
         self._handles.append(self.denoiser.register_forward_pre_hook(self._before_denoiser, with_kwargs=True))
         self._handles.append(self.denoiser.register_forward_hook(self._after_denoiser, with_kwargs=True))
+        if self.family.joint and self.plan.text_states == "static":
+            self._hold_concept_states()
         for row, site in enumerate(self.sites):
             if site.kind == "cross":
                 hooks = CrossSite(site, self, row)
@@ -238,6 +246,24 @@ class EngineCall:
                 processor = JointInhibitorProcessor(original, site, self, row, text_first=self.family.text_first)
                 site.module.set_processor(processor)
                 self._joint.append((site, original, processor))
+
+    def _hold_concept_states(self) -> None:
+        """The "static" baseline: every block sees the concept tokens as they entered the first."""
+        blocks = list(dict.fromkeys(self.denoiser.get_submodule(s.name.rsplit(".", 1)[0]) for s in self.sites))
+        held: dict[str, torch.Tensor] = {}
+        span = lambda: slice(self.text_length, self.text_length + self.concept_length)  # noqa: E731
+
+        def first(_module: Any, args: tuple, kwargs: dict) -> None:
+            if self._riding and threading.get_ident() == self.thread:
+                held["tokens"] = kwargs["encoder_hidden_states"][:, span()].clone()
+
+        def after(_module: Any, _args: tuple, _kwargs: dict, output: Any) -> None:
+            if self._riding and threading.get_ident() == self.thread and output[0] is not None:
+                output[0][:, span()] = held["tokens"]
+
+        self._handles.append(blocks[0].register_forward_pre_hook(first, with_kwargs=True))
+        for block in blocks:
+            self._handles.append(block.register_forward_hook(after, with_kwargs=True))
 
     def _patch(self, obj: Any, name: str, value: Any) -> None:
         object.__setattr__(obj, name, value) if not isinstance(obj, torch.nn.Module) else setattr(obj, name, value)
@@ -377,7 +403,7 @@ class EngineCall:
         return self._ride(args, kwargs) if self._riding else None
 
     def _ride(self, args: tuple, kwargs: dict) -> tuple:
-        tokens = self.plan.ride_along_tokens(self.denoiser)
+        tokens = self.plan.ride_along_tokens(self.denoiser)  # concepts', then anchors' carried tokens
         self.text_length = int(self.family.denoiser_text(args, kwargs).shape[1])
         self.concept_length = int(tokens.shape[0])
         self.concept_spans = self.plan.ride_along_spans

@@ -79,6 +79,7 @@ class CrossSite:
         self.mask: torch.Tensor | None = None  # the prompt's attention mask as passed to the layer
         self.applied = 0  # inhibitor applications in the current denoiser call
         self.kv: list[tuple[torch.Tensor, torch.Tensor, list[int]]] | None = None  # per concept, per call
+        self.anchor_kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # per anchor: own tokens' keys, values
         self._handles: list[Any] = []
 
     def install(self) -> None:
@@ -125,8 +126,10 @@ class CrossSite:
         concepts = self._concept_kv(q.dtype)
         scale = self.attn.scale
         sink = self._prompt_lse(q, key, mask, rows, scale) if self.prompt_sink else None
+        competing = self._competing(len(concepts))
         if call.measuring or call.observing:
-            maps = [attention.concept_maps(q, k, scale=scale, sink_lse=sink) for k, _, _ in concepts]
+            maps = [attention.concept_maps(q, k, scale=scale, sink_lse=sink, anchor_keys=a)
+                    for (k, _, _), a in zip(concepts, competing)]
             if call.measuring:
                 call.measured(self.site, call.to_plan_slots([m.mean(dim=(0, 1, 2)) for m in maps], self.slots))
             if call.observing:  # the share of each pixel's map on the concept's own tokens
@@ -135,7 +138,8 @@ class CrossSite:
                 call.observe(self.site, [m[..., cols].sum(-1) for m, cols in zip(maps, own)])
         if call.active:
             scales = call.scales_for(q.shape[0])
-            with_w = [(k, v, scales[..., c, slots]) for c, (k, v, slots) in enumerate(concepts)]
+            with_w = [(k, self._spare(c, v), scales[..., c, slots], competing[c])
+                      for c, (k, v, slots) in enumerate(concepts)]
             delta = attention.inhibitor(q, with_w, scale=scale, sink_lse=sink,
                                         slice_size=getattr(self.attn.processor, "slice_size", None))
             b, h, n, d = delta.shape
@@ -146,6 +150,22 @@ class CrossSite:
         return (out, *args[1:])
 
     # -- maths -------------------------------------------------------------------------------
+    def _competing(self, count: int) -> list[torch.Tensor | None]:
+        """Per concept, its anchors' keys that join its softmax (``preserve`` compete/both)."""
+        plan = self.call.plan
+        if not self.anchor_kv or plan.preserve == "project":
+            return [None] * count
+        return [torch.cat([self.anchor_kv[a][0] for a in plan.concept_anchors[c]], dim=1)
+                if plan.concept_anchors[c] else None for c in range(count)]
+
+    def _spare(self, concept: int, values: torch.Tensor) -> torch.Tensor:
+        """The concept's values without what its anchors' values span (``preserve`` project/both)."""
+        plan = self.call.plan
+        if not self.anchor_kv or plan.preserve == "compete" or not plan.concept_anchors[concept]:
+            return values
+        basis = torch.cat([self.anchor_kv[a][1] for a in plan.concept_anchors[concept]], dim=1)
+        return attention.project_off(values, basis)
+
     @property
     def slots(self) -> list[list[int]]:
         assert self.kv is not None
@@ -182,18 +202,27 @@ class CrossSite:
         if self.kv is None:
             attn = self.attn
             weight = attn.to_k.weight if getattr(attn, "to_k", None) is not None else attn.to_kv.weight
-            text = self.call.site_text().to(device=weight.device, dtype=weight.dtype)  # (C, T, D)
-            if getattr(attn, "norm_cross", None):
-                text = attn.norm_encoder_hidden_states(text)
-            if getattr(attn, "to_k", None) is not None:
-                k, v = attn.to_k(text), attn.to_v(text)
-            else:  # fused projections only
-                k, v = attn.to_kv(text).chunk(2, dim=-1)
-            k, v = self._heads(k, attn.norm_k), self._heads(v, None)  # (C, h, T, d)
+            k, v = self._project_text(self.call.site_text(), weight)  # (C, h, T, d)
             plan = self.call.plan
             kv = []
             for c in range(k.shape[0]):
                 slots = list(plan.token_positions[c]) if self.prompt_sink else list(range(k.shape[2]))
                 kv.append((k[c][:, slots].to(dtype), v[c][:, slots].to(dtype), slots))
             self.kv = kv
+            if plan.anchor_embeddings is not None:  # anchors: their own tokens only
+                ka, va = self._project_text(self.call.site_text(anchors=True), weight)
+                self.anchor_kv = [(ka[a][:, list(s)].to(dtype), va[a][:, list(s)].to(dtype))
+                                  for a, s in enumerate(plan.anchor_positions)]
         return self.kv
+
+    def _project_text(self, text: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, T, D) text -> keys and values (C, h, T, d) as this layer projects text."""
+        attn = self.attn
+        text = text.to(device=weight.device, dtype=weight.dtype)
+        if getattr(attn, "norm_cross", None):
+            text = attn.norm_encoder_hidden_states(text)
+        if getattr(attn, "to_k", None) is not None:
+            k, v = attn.to_k(text), attn.to_v(text)
+        else:  # fused projections only
+            k, v = attn.to_kv(text).chunk(2, dim=-1)
+        return self._heads(k, attn.norm_k), self._heads(v, None)

@@ -162,11 +162,15 @@ class JointInhibitorProcessor:
             per_concept.append((kc, vc))
 
         # 3. the inhibitor on the image queries of those rows
+        plan = call.plan
         q_img = q_p[rows, :, img_q]
         sink = (lse_img if call.sink == "image" else lse_p)[rows, :, img_q]
-        slots = [list(s) for s in call.plan.ride_along]
+        slots = [list(s) for s in plan.ride_along]
+        per_concept, per_anchor = per_concept[: len(slots)], per_concept[len(slots):]
+        competing, spare = self._anchors(per_anchor)
         if call.measuring or call.observing:
-            maps = [attention.concept_maps(q_img, kc, scale=scale, sink_lse=sink) for kc, _ in per_concept]
+            maps = [attention.concept_maps(q_img, kc, scale=scale, sink_lse=sink, anchor_keys=competing(c))
+                    for c, (kc, _) in enumerate(per_concept)]
             if call.measuring:
                 call.measured(self.site, call.to_plan_slots([m.mean(dim=(0, 1, 2)) for m in maps], slots))
             if call.observing:  # the share of each pixel's map on the concept's own tokens
@@ -176,7 +180,7 @@ class JointInhibitorProcessor:
         o_img_p = o_p[:, :, img_q]
         if call.active:
             scales = call.scales_for(q_img.shape[0])
-            with_w = [(kc, vc, scales[..., c, slots[c]]) for c, (kc, vc) in enumerate(per_concept)]
+            with_w = [(kc, spare(c, vc), scales[..., c, slots[c]], competing(c)) for c, (kc, vc) in enumerate(per_concept)]
             delta = attention.inhibitor(q_img, with_w, scale=scale, sink_lse=sink)
             o_img_p = o_img_p.clone()
             o_img_p[rows] -= delta.to(o_img_p.dtype)
@@ -193,3 +197,26 @@ class JointInhibitorProcessor:
         if not getattr(attn, "context_pre_only", False):
             text_out = attn.to_add_out(text_out)
         return image_out, text_out
+
+    def _anchors(self, per_anchor: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, Any]:
+        """(competing(c), spare(c, values)) for preservation anchors riding along after the concepts:
+        an anchor's own tokens' keys join concept c's softmax, and/or its values leave c's values."""
+        plan = self.call.plan
+        own = [[i for i, slot in enumerate(carried) if slot in set(positions)]
+               for carried, positions in zip(plan.anchor_ride_along, plan.anchor_positions)]
+        keys = [k[:, :, cols] for (k, _), cols in zip(per_anchor, own)]
+        values = [v[:, :, cols] for (_, v), cols in zip(per_anchor, own)]
+
+        def competing(c: int) -> torch.Tensor | None:
+            mine = plan.concept_anchors[c] if plan.concept_anchors else ()
+            if not mine or plan.preserve == "project":
+                return None
+            return torch.cat([keys[a] for a in mine], dim=2)
+
+        def spare(c: int, v: torch.Tensor) -> torch.Tensor:
+            mine = plan.concept_anchors[c] if plan.concept_anchors else ()
+            if not mine or plan.preserve == "compete":
+                return v
+            return attention.project_off(v, torch.cat([values[a] for a in mine], dim=2))
+
+        return competing, spare

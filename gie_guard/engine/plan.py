@@ -23,6 +23,17 @@ __all__ = ["ConceptSpec", "Plan", "Sink", "StepWindow", "compile_plan"]
 # the concept's own encoding: the paper's rule, UNet families), "prompt" (the prompt's own
 # columns: cross-attention DiTs with a text mask), "image" (a joint block's image keys).
 Sink = Literal["own", "prompt", "image"]
+# Joint families: how a concept's text states reach each block. "ride-along": its tokens travel
+# through every block with the prompt (the default); "static": its tokens enter every block as
+# they left the text embedder (a baseline for measurement: wrong after the first block).
+TextStates = Literal["ride-along", "static"]
+# Which of a concept's slots ride along: "own" (its own tokens and the end token) or "all".
+Carry = Literal["own", "all"]
+# How preservation anchors spare their neighbours: "compete" (an anchor's own tokens join each
+# concept's softmax with zero values: where the anchor attracts a pixel, the concept's map
+# shrinks), "project" (the concept's inhibitor values lose their component in the span of the
+# anchors' values, per layer and head), or "both".
+Preserve = Literal["compete", "project", "both"]
 SINKS = {"cross": ("own", "prompt"), "joint": ("image", "prompt")}
 
 
@@ -34,11 +45,16 @@ class ConceptSpec:
     text: str
     scale: float
     scale_source: str = "policy"
+    anchors: tuple[str, ...] = ()  # texts of neighbours this concept must spare (preservation anchors)
 
     def __post_init__(self) -> None:
         s = self.scale
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s <= MAX_SCALE:
             raise ConceptError(f"scale must be a number in [0, {MAX_SCALE:g}], got {s!r}", concept_id=self.id)
+        same = [a for a in self.anchors if " ".join(a.lower().split()) == " ".join(self.text.lower().split())]
+        if same:
+            raise ConceptError(f"preservation anchor {same[0]!r} is the concept itself: it would cancel the "
+                               "concept's own inhibitor", concept_id=self.id)
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,6 +70,14 @@ class Plan:
     token_scales: torch.Tensor | None  # (C, T): w on the concept's own tokens, 0 elsewhere
     ride_along: tuple[tuple[int, ...], ...] = ()  # joint families: slots carried per concept
     sink: Sink = "own"
+    text_states: TextStates = "ride-along"
+    # preservation anchors: (A, T, D) encodings, own-token slots, carried slots (joint), and
+    # per concept the indices of the anchors it must spare
+    anchor_embeddings: torch.Tensor | None = None
+    anchor_positions: tuple[tuple[int, ...], ...] = ()
+    anchor_ride_along: tuple[tuple[int, ...], ...] = ()
+    concept_anchors: tuple[tuple[int, ...], ...] = ()
+    preserve: Preserve = "compete"
     compile_seconds: float = field(default=0.0)
     _tokens: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -68,21 +92,24 @@ class Plan:
 
     @property
     def ride_along_spans(self) -> list[tuple[int, int]]:
-        """Per concept, its ``[lo, hi)`` within the concept tokens appended to the text."""
+        """Per concept, then per anchor, its ``[lo, hi)`` within the tokens appended to the text."""
         spans, at = [], 0
-        for slots in self.ride_along:
+        for slots in (*self.ride_along, *self.anchor_ride_along):
             spans.append((at, at + len(slots)))
             at += len(slots)
         return spans
 
     def ride_along_tokens(self, denoiser: torch.nn.Module) -> torch.Tensor:
-        """``(T_c, D)``: every concept's carried slots, concatenated, on the denoiser's device."""
+        """``(T_c, D)``: every concept's, then every anchor's carried slots, concatenated, on the
+        denoiser's device."""
         assert self.embeddings is not None
         weight = next(denoiser.parameters())
         key = (weight.device, weight.dtype)
         tokens = self._tokens.get(key)
         if tokens is None:
             parts = [self.embeddings[c, list(slots)] for c, slots in enumerate(self.ride_along)]
+            if self.anchor_embeddings is not None:
+                parts += [self.anchor_embeddings[a, list(s)] for a, s in enumerate(self.anchor_ride_along)]
             tokens = self._tokens[key] = torch.cat(parts).to(device=weight.device, dtype=weight.dtype)
         return tokens
 
@@ -96,6 +123,9 @@ def compile_plan(
     options: dict[str, Any] | None = None,
     family: Family | None = None,
     sink: Sink | None = None,
+    text_states: TextStates = "ride-along",
+    carry: Carry = "own",
+    preserve: Preserve = "compete",
 ) -> Plan:
     """Encode every concept once with the pipeline's own prompt encoder.
 
@@ -117,6 +147,10 @@ def compile_plan(
     active = tuple(c for c in concepts if c.scale > 0)
     if len(active) > MAX_CONCEPTS:
         raise ConceptError(f"{len(active)} concepts to inhibit; at most {MAX_CONCEPTS} fit one plan")
+    if preserve not in ("compete", "project", "both"):
+        raise ConfigurationError(f"preserve must be compete, project or both, got {preserve!r}")
+    if text_states not in ("ride-along", "static") or carry not in ("own", "all"):
+        raise ConfigurationError(f"text_states must be ride-along or static and carry own or all, got {text_states!r}, {carry!r}")
     for c in concepts:  # a concept at scale 0 today must still be one this pipeline can encode
         if c.scale == 0:
             family.positions(pipe, c.text, c.id, options)
@@ -127,6 +161,10 @@ def compile_plan(
     scales = torch.zeros(embeddings.shape[:2], dtype=torch.float32)
     for row, (concept, slots) in enumerate(zip(active, encoding.positions)):
         scales[row, list(slots)] = float(concept.scale)
+    anchor_texts = list(dict.fromkeys(a for c in active for a in c.anchors))
+    anchors = None
+    if anchor_texts:
+        anchors = family.encode(pipe, anchor_texts, [f"anchor:{t}" for t in anchor_texts], options)
     return Plan(
         family=family,
         concepts=active,
@@ -135,7 +173,14 @@ def compile_plan(
         token_positions=encoding.positions,
         embeddings=embeddings,
         token_scales=scales,
-        ride_along=encoding.ride_along or (),
+        ride_along=(tuple(tuple(range(embeddings.shape[1])) for _ in active) if carry == "all" and family.joint
+                    else encoding.ride_along or ()),
         sink=sink,
+        text_states=text_states,
+        anchor_embeddings=anchors.embeddings if anchors is not None else None,
+        anchor_positions=anchors.positions if anchors is not None else (),
+        anchor_ride_along=(anchors.ride_along or ()) if anchors is not None else (),
+        concept_anchors=tuple(tuple(anchor_texts.index(a) for a in dict.fromkeys(c.anchors)) for c in active),
+        preserve=preserve,
         compile_seconds=time.perf_counter() - started,
     )

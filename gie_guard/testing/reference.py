@@ -164,8 +164,8 @@ def engine_layer(pipe: Any, plan: Any, rows: Sequence[int], *, active: bool = Tr
         call.active = active
         call.measuring = True
         call._riding = plan.family.joint
-        if plan.family.joint:  # the caller appends the concepts' carried tokens after `text_length` prompt tokens
-            call.concept_length = int(sum(len(s) for s in plan.ride_along))
+        if plan.family.joint:  # the caller appends the carried tokens after `text_length` prompt tokens
+            call.concept_length = int(sum(len(s) for s in (*plan.ride_along, *plan.anchor_ride_along)))
             call.concept_spans = plan.ride_along_spans
         yield call
     finally:
