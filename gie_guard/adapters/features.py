@@ -114,13 +114,13 @@ class AdapterScales:
     def probe(self) -> bool:
         return self.mode == "probe"
 
-    def scales(self, step: int, measured: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
+    def scales(self, step: int, measured: Any) -> torch.Tensor | None:
         if self._done:
             return None
         if measured is None or (self.mode == "reuse" and step == 0):
             return self._scales  # auto concepts at 0 until their features are measured
         for r, spec, pos, choice in self._rows:
-            feats = token_features(measured, self.plan.layer_names, r, pos)
+            feats = token_features(measured.first_step_attention, self.plan.layer_names, r, pos)
             raw = choice.adapter.predict(feats)
             scales, nonfinite = resolve_scales(raw, lo=choice.lo, hi=choice.hi, fallback=choice.fallback)
             self._scales[r, list(pos)] = scales.to(self._scales)

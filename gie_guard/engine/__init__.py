@@ -13,6 +13,7 @@ Layout: ``families/`` (what each pipeline family is: sites, encodings, rows), ``
 from ..window import StepWindow
 from .call import CallRecord, MapObserver, ScaleSource, denoiser_lock, guarded_call, observing
 from .families import Family, Site, family_for, supported_pipelines
+from .gating import PresenceGate, presence
 from .plan import ConceptSpec, Plan, compile_plan
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "Family",
     "MapObserver",
     "Plan",
+    "PresenceGate",
     "ScaleSource",
     "Site",
     "StepWindow",
@@ -29,5 +31,6 @@ __all__ = [
     "family_for",
     "guarded_call",
     "observing",
+    "presence",
     "supported_pipelines",
 ]

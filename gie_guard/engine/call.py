@@ -47,14 +47,15 @@ log = logging.getLogger("gie_guard.engine")
 
 
 class ScaleSource(Protocol):
-    """Supplies a call's token scales (adapters). ``probe``: measure step 0 unsuppressed in an
-    extra denoiser pass before it runs. ``scales`` is asked at the start of every step with
-    the first step's measurement once there is one; it returns ``(C, T)`` or ``(rows, C, T)``
-    scales, or None to keep the current ones."""
+    """Supplies a call's token scales (adapters, presence gating). ``probe``: measure step 0
+    unsuppressed in an extra denoiser pass before it runs. ``scales`` is asked at the start of
+    every step with the call's record once the first step is measured (its
+    ``first_step_attention`` and per-row ``first_step_rows``); it returns ``(C, T)`` or per
+    image ``(rows, C, T)`` scales, or None to keep the current ones."""
 
     probe: bool
 
-    def scales(self, step: int, measured: dict[str, torch.Tensor] | None) -> torch.Tensor | None: ...
+    def scales(self, step: int, measured: CallRecord | None) -> torch.Tensor | None: ...
 
 
 class MapObserver(Protocol):
@@ -80,7 +81,8 @@ class CallRecord:
     guarded_calls: int = 0  # denoiser calls in the window that carried prompt rows
     row_layouts: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (batch, prompt rows) seen
     classifier_free_guidance: bool | None = None
-    first_step_attention: dict[str, torch.Tensor] = field(default_factory=dict)  # site -> (C, T)
+    first_step_attention: dict[str, torch.Tensor] = field(default_factory=dict)  # site -> (C, T), mean over rows
+    first_step_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # site -> (rows, C, T)
     foreign_changes: list[str] = field(default_factory=list)
     inhibitor_seconds: float = 0.0
     probe_seconds: float = 0.0
@@ -193,21 +195,28 @@ class EngineCall:
         return self._site_text
 
     def scales_for(self, rows: int) -> torch.Tensor:
+        """The scales for a call guarding ``rows`` rows: ``(C, T)``, or per image ``(rows, C, T)``
+        (per-image scales repeat over chunks of prompt rows, as PAG's perturbed copy)."""
         assert self.scales is not None
         if self.scales.ndim == 3 and self.scales.shape[0] != rows:
-            self.fail(f"per-image scales for {self.scales.shape[0]} rows, but the call guards {rows}")
+            if rows % self.scales.shape[0]:
+                self.fail(f"per-image scales for {self.scales.shape[0]} rows, but the call guards {rows}")
+            return self.scales.repeat(rows // self.scales.shape[0], 1, 1)
         return self.scales
 
-    def to_plan_slots(self, means: Sequence[torch.Tensor], slots: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Per-concept vectors over some slots -> ``(C, T)`` over the plan's slots (0 elsewhere)."""
+    def to_plan_slots(self, values: Sequence[torch.Tensor], slots: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Per-concept ``(..., T_c)`` values over some slots -> ``(..., C, T)`` over the plan's slots (0 elsewhere)."""
         assert self.plan.token_scales is not None
-        out = torch.zeros(self.plan.token_scales.shape, dtype=torch.float32)
-        for c, (m, s) in enumerate(zip(means, slots)):
-            out[c, list(s)] = m.float().cpu()
+        lead = values[0].shape[:-1] if values else ()
+        out = torch.zeros(*lead, *self.plan.token_scales.shape, dtype=torch.float32)
+        for c, (m, s) in enumerate(zip(values, slots)):
+            out[..., c, list(s)] = m.float().cpu()
         return out
 
-    def measured(self, site: Site, means: torch.Tensor) -> None:
-        self.record.first_step_attention[site.name] = means.float().cpu()
+    def measured(self, site: Site, rows: torch.Tensor) -> None:
+        """The first step's maps at ``site``: ``(rows, C, T)`` means over heads and positions."""
+        self.record.first_step_rows[site.name] = rows.float().cpu()
+        self.record.first_step_attention[site.name] = rows.float().mean(dim=0).cpu()
 
     def observe(self, site: Site, maps: Any) -> None:
         for observer in self.observers:
@@ -486,8 +495,7 @@ class EngineCall:
         started = time.perf_counter()
         if self.step == 0 and source.probe:
             self._probe(module, args, kwargs, rows)
-        measured = self.record.first_step_attention or None
-        new = source.scales(self.step, measured)
+        new = source.scales(self.step, self.record if self.record.first_step_attention else None)
         if new is not None:
             self.scales = new.to(device=self._device, dtype=torch.float32)
         self.record.probe_seconds += time.perf_counter() - started

@@ -131,7 +131,7 @@ class CrossSite:
             maps = [attention.concept_maps(q, k, scale=scale, sink_lse=sink, anchor_keys=a)
                     for (k, _, _), a in zip(concepts, competing)]
             if call.measuring:
-                call.measured(self.site, call.to_plan_slots([m.mean(dim=(0, 1, 2)) for m in maps], self.slots))
+                call.measured(self.site, call.to_plan_slots([m.mean(dim=(1, 2)) for m in maps], self.slots))
             if call.observing:  # the share of each pixel's map on the concept's own tokens
                 own = [[i for i, slot in enumerate(slots) if slot in set(call.plan.token_positions[c])]
                        for c, slots in enumerate(self.slots)]

@@ -172,7 +172,7 @@ class JointInhibitorProcessor:
             maps = [attention.concept_maps(q_img, kc, scale=scale, sink_lse=sink, anchor_keys=competing(c))
                     for c, (kc, _) in enumerate(per_concept)]
             if call.measuring:
-                call.measured(self.site, call.to_plan_slots([m.mean(dim=(0, 1, 2)) for m in maps], slots))
+                call.measured(self.site, call.to_plan_slots([m.mean(dim=(1, 2)) for m in maps], slots))
             if call.observing:  # the share of each pixel's map on the concept's own tokens
                 own = [[i for i, slot in enumerate(slots[c]) if slot in set(call.plan.token_positions[c])]
                        for c in range(len(slots))]
