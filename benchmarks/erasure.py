@@ -1,4 +1,4 @@
-"""Erasure benchmark on the shapes-world model, through the public Guard API.
+"""Erasure benchmark on the shapes-world models, through the public Guard API.
 
 What the paper measures, in miniature (its Table 2 for objects, its style and multi-concept
 results), judged by the shapes-world detector:
@@ -16,6 +16,10 @@ results), judged by the shapes-world detector:
   Diffusion (diffusers' StableDiffusionPipelineSafe, the target as its safety concept).
 
     python benchmarks/erasure.py --targets circle,red,striped,star --seeds 0:20 --out out/erasure
+    python benchmarks/erasure.py --backbone dit ...     # the transformer (SD3-style) shapes model
+
+The baselines run where they exist: the negative prompt on both backbones, Safe Latent
+Diffusion only on the UNet (diffusers has it for Stable Diffusion 1.x pipelines only).
 
 Writes DIR/results.json (rows: method, target, prompt_word, prompt_attribute, removal_rate,
 images, ...), DIR/results.md and DIR/grid.png.
@@ -85,14 +89,20 @@ def columns_for(kind: str) -> list[Column]:
 
 
 class Bench:
-    def __init__(self, seeds: range, out: pathlib.Path) -> None:
-        self.pipe = load_pipeline()
+    def __init__(self, seeds: range, out: pathlib.Path, backbone: str = "unet") -> None:
+        self.backbone = backbone
+        self.pipe = load_pipeline(backbone=backbone)
         self.pipe.set_progress_bar_config(disable=True)
         self.detector = load_detector()
         self.seeds = seeds
         self.out = out
         self.cache: dict[tuple[str, Column, tuple[int, ...]], np.ndarray] = {}  # -> images (S, 32, 32, 3)
         self._sld = None
+        from prometheus_client import CollectorRegistry
+
+        from gie_guard.metrics import GuardMetrics
+
+        self.metrics = GuardMetrics(CollectorRegistry())  # the benchmark's own registry
 
     # -- generation ---------------------------------------------------------------------------
     def _generate(self, call: Callable, prompts: list[str], seeds: list[int], **extra) -> np.ndarray:
@@ -130,7 +140,7 @@ class Bench:
                 "inhibit_steps": spec["window"],
                 "dedup_threshold": 0.0,
                 "concepts": [{"id": f"c{i}", "text": t, "scale": spec["scale"]} for i, t in enumerate(spec["texts"])],
-            })
+            }, metrics=self.metrics, **spec.get("engine", {}))
             return self._generate(lambda **kw: guard(self.pipe, **kw), prompts, seeds)
         raise ValueError(method)
 
@@ -193,8 +203,11 @@ def frechet(x: np.ndarray, y: np.ndarray) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(cross, 0, None)).sum())
 
 
+ENGINE: dict = {}  # extra Guard(...) engine settings for every GIE method (--sink, --text-states)
+
+
 def gie(texts: list[str], scale: float, window: tuple[float, float]) -> str:
-    return "gie:" + json.dumps({"texts": texts, "scale": scale, "window": list(window)})
+    return "gie:" + json.dumps({"texts": texts, "scale": scale, "window": list(window), "engine": ENGINE})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-only", action="store_true", help="stop after the scale/window sweep")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (one is fastest on a shared 2-core machine)")
+    parser.add_argument("--backbone", default="unet", choices=("unet", "dit"), help="which shapes model")
+    parser.add_argument("--sink", default=None, help="Guard(sink=...) for every GIE run (default: the family's)")
+    parser.add_argument("--text-states", default=None, choices=("ride-along", "static"),
+                        help="Guard(text_states=...) for the transformer backbone")
     args = parser.parse_args(argv)
+    if args.sink:
+        ENGINE["sink"] = args.sink
+    if args.text_states:
+        ENGINE["text_states"] = args.text_states
     torch.set_num_threads(args.threads)
     start, end = (int(x) for x in args.seeds.split(":"))
     sweep_seeds = range(*(int(x) for x in args.sweep_seeds.split(":")))
@@ -220,10 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(sum(KINDS.values(), ()))}")
     args.out.mkdir(parents=True, exist_ok=True)
-    bench = Bench(range(start, end), args.out)
+    bench = Bench(range(start, end), args.out, args.backbone)
     window = tuple(float(x) for x in args.window.split(","))
     rows: list[dict] = []
-    md: list[str] = [f"# Erasure on the shapes-world model\n\nseeds {start}:{end} per prompted word (sweep: {args.sweep_seeds}), "
+    md: list[str] = [f"# Erasure on the shapes-world model ({args.backbone})\n\nseeds {start}:{end} per prompted word (sweep: {args.sweep_seeds}), "
                      f"{STEPS} DDIM steps, guidance {GUIDANCE}, command: `python benchmarks/erasure.py {' '.join(argv or sys.argv[1:])}`\n"]
     t0 = time.perf_counter()
 
@@ -269,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         methods = {f"GIE w={scale:g}": gie([target], scale, window)}
         if not args.no_baselines:
             methods["SD+NEG"] = f"neg:{target}"
-            methods["SLD-medium"] = f"sld:{target}"
+            if args.backbone == "unet":
+                methods["SLD-medium"] = f"sld:{target}"
         md.append(f"\n## Erasing {target!r} ({kind_of(target)}s)\n\nremoval rate by prompted word "
                   "(held-out synonyms marked *); n = seeds whose unguarded image has the prompted attribute\n")
         md.append("| method | " + " | ".join(c.word + ("*" if c.held_out else "") for c in cols) + " |")
@@ -324,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     (args.out / "results.md").write_text("\n".join(md) + "\n")
     if not args.sweep_only:
-        grid(bench, targets, best_scale, window, args.out / "grid.png", baselines=not args.no_baselines)
+        grid(bench, targets, best_scale, window, args.out / "grid.png", baselines=not args.no_baselines,
+             sld=args.backbone == "unet")
     print("\n".join(md))
     log(f"wrote {args.out}/results.json, results.md, grid.png")
     return 0
@@ -336,12 +359,14 @@ def _pooled(removal: dict[Column, tuple[float, int]]) -> float:
     return sum(r * n for r, n in removal.values() if n) / total if total else float("nan")
 
 
-def grid(bench: Bench, targets: list[str], scales: dict[str, float], window, path: pathlib.Path, baselines: bool) -> None:
-    """Rows: a few prompts per target; columns: unguarded, GIE, SD+NEG, SLD."""
+def grid(bench: Bench, targets: list[str], scales: dict[str, float], window, path: pathlib.Path, baselines: bool,
+         sld: bool = True) -> None:
+    """Rows: a few prompts per target; columns: unguarded, GIE, SD+NEG, SLD (where it exists)."""
     tiles = []
     for target in targets:
         own = [c for c in columns_for(kind_of(target)) if c.attribute == target][:2]
-        methods = ["none", gie([target], scales[target], window)] + ([f"neg:{target}", f"sld:{target}"] if baselines else [])
+        extra = ([f"neg:{target}"] + ([f"sld:{target}"] if sld else [])) if baselines else []
+        methods = ["none", gie([target], scales[target], window)] + extra
         for c in own:
             tiles.append([bench.images(m, [c])[c][0] for m in methods])
     zoom, pad = 3, 2

@@ -85,7 +85,9 @@ class Guard:
     names extra folders, files or adapter objects; ``feature_pass`` is ``"auto"``,
     ``"probe"`` or ``"reuse"``. ``sink`` overrides what competes with a concept in its
     attention map, ``text_states`` and ``carry`` how a joint-attention family carries the
-    concept's tokens (docs/families.md; the defaults are the measured choices).
+    concept's tokens (docs/families.md; the defaults are the measured choices). ``controlnet``:
+    ``"inhibit"`` (default) puts the inhibitors into a ControlNet's own cross-attention too,
+    ``"skip"`` leaves the ControlNet as it is.
 
     Metrics go to ``metrics`` (a :class:`GuardMetrics`; default: the one on prometheus'
     global registry). ``verifiers`` adds or replaces verifiers by name for the policy's
@@ -110,6 +112,7 @@ class Guard:
         text_states: str = "ride-along",
         carry: str = "own",
         preserve: str = "compete",
+        controlnet: str = "inhibit",
         name: str | None = None,
     ) -> None:
         install_log_filters()
@@ -119,7 +122,7 @@ class Guard:
             raise ConfigurationError("on_report must be callable")
         self._sink = sink
         # measured choices of the engine (docs/families.md, docs/precision.md)
-        self._engine_options = {"text_states": text_states, "carry": carry, "preserve": preserve}
+        self._engine_options = {"text_states": text_states, "carry": carry, "preserve": preserve, "controlnet": controlnet}
         self._adapters = adapters if isinstance(adapters, AdapterLibrary) else AdapterLibrary(adapters)
         self._feature_pass = check_feature_pass(feature_pass)
         self._verifiers = {**default_verifiers(), **(verifiers or {})}

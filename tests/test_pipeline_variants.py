@@ -92,3 +92,22 @@ def test_plans_follow_what_changes_concept_encodings():
     third = guard.plan_for(pipe)
     assert third is not second and not torch.equal(third.embeddings, second.embeddings)
     assert guard.plan_for(pipe, cross_attention_kwargs={"scale": 0.5}) is not third
+
+
+def test_controlnet_cross_attention_is_inhibited_unless_skipped():
+    pipe = variants.tiny_sd_controlnet_pipeline(multi=True)
+    controlnets = list(pipe.controlnet.nets)
+    torch.manual_seed(0)
+    for net in controlnets:  # a trained ControlNet's zero convolutions are no longer zero
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            torch.nn.init.normal_(conv.weight, std=0.2)
+    hooks = [_hooks(net) for net in controlnets]
+    extra = dict(image=[IMAGE, IMAGE])
+    inhibited = run(pipe, Guard(policy=STRONG), **extra).images
+    skipped = run(pipe, Guard(policy=STRONG, controlnet="skip"), **extra).images
+    plain = run(pipe, **extra).images
+    assert np.abs(inhibited - skipped).max() > 1e-5  # the ControlNets' residuals changed too
+    assert np.abs(skipped - plain).max() > 1e-3
+    assert [_hooks(net) for net in controlnets] == hooks
+    guess = run(pipe, Guard(policy=STRONG), guess_mode=True, **extra).guard_report
+    assert (1, (0,)) in guess.rows_guarded or (2, (1,)) in guess.rows_guarded  # guess mode: prompt rows only

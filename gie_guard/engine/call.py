@@ -147,6 +147,12 @@ class EngineCall:
                 "the call was stopped (compile the plan again)"
             )
         self.sites = sites
+        from .families.unet import unet_sites  # cross-attention of the auxiliary models (ControlNets)
+
+        self.aux: list[tuple[torch.nn.Module, tuple[Site, ...]]] = [
+            (model, tuple(Site(f"{prefix}.{s.name}", s.module, s.kind) for s in unet_sites(model)))
+            for prefix, model in (plan.family.aux_models(pipe) if plan.controlnet == "inhibit" else [])
+        ]
         self._denoiser_name = "UNet" if plan.family.denoiser_attr == "unet" else "transformer"
         # per call: scales on the denoiser's device; state of the step in progress
         self._device = _device_of(self.denoiser)
@@ -245,6 +251,13 @@ class EngineCall:
         self._handles.append(self.denoiser.register_forward_hook(self._after_denoiser, with_kwargs=True))
         if self.family.joint and self.plan.text_states == "static":
             self._hold_concept_states()
+        for model, sites in self.aux:
+            self._handles.append(model.register_forward_pre_hook(self._before_aux, with_kwargs=True))
+            self._handles.append(model.register_forward_hook(self._after_aux(sites), with_kwargs=True))
+            for site in sites:
+                hooks = CrossSite(site, self, -1)
+                hooks.install()
+                self._cross.append(hooks)
         for row, site in enumerate(self.sites):
             if site.kind == "cross":
                 hooks = CrossSite(site, self, row)
@@ -308,7 +321,7 @@ class EngineCall:
 
     def _check_processors(self, *, initial: bool) -> None:
         joint = joint_processor_classes()
-        for site in self.sites:
+        for site in (*self.sites, *(s for _, sites in self.aux for s in sites)):
             processor = site.module.processor
             if site.kind == "cross":
                 ok = accepted(processor) is not None
@@ -369,16 +382,46 @@ class EngineCall:
     def _in_window(self, step: int) -> bool:
         return step in self._window_steps
 
+    def _start_clock(self) -> None:
+        record = self.record
+        if record.total_steps is None:
+            record.total_steps = self._announced_steps()
+            self._window_steps = set(self.plan.window.steps(record.total_steps))
+            record.window_widened = self.plan.window.widened(record.total_steps)
+
+    def _before_aux(self, module: Any, args: tuple, kwargs: dict) -> None:
+        """A ControlNet's call in the step in progress: its prompt rows, inhibited as the step is."""
+        if threading.get_ident() != self.thread or self._probing:
+            return
+        self._start_clock()
+        rows = self._prompt_rows(args, kwargs)
+        self.rows = _as_index(rows)
+        self.active = bool(rows) and self.plan.concepts != () and self.step in self._window_steps and self._inhibits()
+        self.measuring = self.observing = False
+        for hooks in self._cross:
+            hooks.applied = 0
+
+    def _after_aux(self, sites: tuple[Site, ...]) -> Callable[..., None]:
+        def after(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            if threading.get_ident() != self.thread or self._probing:
+                return
+            if self.active:
+                missed = [s.name for s in sites if self._applied(s) == 0]
+                if missed:
+                    self.fail(f"in step {self.step} the inhibitor did not run in {len(missed)} ControlNet attention "
+                              f"layer(s) ({', '.join(missed[:3])})")
+            self.active = False
+
+        return after
+
     def _before_denoiser(self, module: Any, args: tuple, kwargs: dict) -> tuple | None:
         if threading.get_ident() != self.thread:
             return None  # another thread's (unguarded) call of a shared model: not ours
         if self._probing:
             return self._ride(args, kwargs) if self._riding else None
         record = self.record
-        if record.total_steps is None:
-            record.total_steps = self._announced_steps()
-            self._window_steps = set(self.plan.window.steps(record.total_steps))
-            record.window_widened = self.plan.window.widened(record.total_steps)
+        self._start_clock()
+        assert record.total_steps is not None
         if self.step >= record.total_steps:
             self.fail(f"ran its {self._denoiser_name} {record.denoiser_calls + 1} times for {record.total_steps} "
                       "denoising steps (a call after the last step)")

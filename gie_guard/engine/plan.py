@@ -34,6 +34,9 @@ Carry = Literal["own", "all"]
 # shrinks), "project" (the concept's inhibitor values lose their component in the span of the
 # anchors' values, per layer and head), or "both".
 Preserve = Literal["compete", "project", "both"]
+# ControlNets read the prompt through cross-attention of their own: "inhibit" puts the concepts'
+# inhibitors there too (their residuals then do not carry the concept back), "skip" leaves them.
+ControlNetMode = Literal["inhibit", "skip"]
 SINKS = {"cross": ("own", "prompt"), "joint": ("image", "prompt")}
 
 
@@ -78,6 +81,7 @@ class Plan:
     anchor_ride_along: tuple[tuple[int, ...], ...] = ()
     concept_anchors: tuple[tuple[int, ...], ...] = ()
     preserve: Preserve = "compete"
+    controlnet: ControlNetMode = "inhibit"
     compile_seconds: float = field(default=0.0)
     _tokens: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -126,6 +130,7 @@ def compile_plan(
     text_states: TextStates = "ride-along",
     carry: Carry = "own",
     preserve: Preserve = "compete",
+    controlnet: ControlNetMode = "inhibit",
 ) -> Plan:
     """Encode every concept once with the pipeline's own prompt encoder.
 
@@ -147,6 +152,8 @@ def compile_plan(
     active = tuple(c for c in concepts if c.scale > 0)
     if len(active) > MAX_CONCEPTS:
         raise ConceptError(f"{len(active)} concepts to inhibit; at most {MAX_CONCEPTS} fit one plan")
+    if controlnet not in ("inhibit", "skip"):
+        raise ConfigurationError(f"controlnet must be inhibit or skip, got {controlnet!r}")
     if preserve not in ("compete", "project", "both"):
         raise ConfigurationError(f"preserve must be compete, project or both, got {preserve!r}")
     if text_states not in ("ride-along", "static") or carry not in ("own", "all"):
@@ -182,5 +189,6 @@ def compile_plan(
         anchor_ride_along=(anchors.ride_along or ()) if anchors is not None else (),
         concept_anchors=tuple(tuple(anchor_texts.index(a) for a in dict.fromkeys(c.anchors)) for c in active),
         preserve=preserve,
+        controlnet=controlnet,
         compile_seconds=time.perf_counter() - started,
     )

@@ -134,6 +134,11 @@ class Family:
     def sites(self, pipe: Any) -> tuple[Site, ...]:
         raise NotImplementedError
 
+    def aux_models(self, pipe: Any) -> list[tuple[str, torch.nn.Module]]:
+        """Other models a step runs on the prompt's text before the denoiser (ControlNets), by
+        name: the engine can inhibit their cross-attention too."""
+        return []
+
     def expected_sites(self, sites: Sequence[Site], kwargs: dict[str, Any]) -> Sequence[Site]:
         """The sites a denoiser call with these keyword arguments runs (all by default)."""
         return sites

@@ -54,6 +54,13 @@ class _UNetFamily(Family):
     def sites(self, pipe: Any) -> tuple[Site, ...]:
         return unet_sites(self.denoiser(pipe))
 
+    def aux_models(self, pipe: Any) -> list[tuple[str, torch.nn.Module]]:
+        controlnet = getattr(pipe, "controlnet", None)
+        if controlnet is None:
+            return []
+        nets = list(getattr(controlnet, "nets", [controlnet]))  # MultiControlNetModel holds several
+        return [(f"controlnet.{i}", net) for i, net in enumerate(nets) if unet_sites(net)]
+
     @staticmethod
     def tokenizers(pipe: Any) -> tuple[Any, ...]:
         return tuple(t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None)
