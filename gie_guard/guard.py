@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .adapters import AdapterLibrary, AdapterScales, AutoChoice, Fingerprint, check_feature_pass
-from .engine import CallRecord, ConceptSpec, Plan, StepWindow, compile_plan, family_for, guarded_call
+from .engine import CallRecord, ConceptSpec, Plan, PresenceGate, StepWindow, compile_plan, family_for, guarded_call
 from .errors import ConfigurationError, ContentBlockedError, GuardError, PolicyError
 from .logs import install_log_filters
 from .metrics import GuardMetrics
@@ -111,7 +111,7 @@ class Guard:
         sink: str | None = None,
         text_states: str = "ride-along",
         carry: str = "own",
-        preserve: str = "compete",
+        preserve: str | None = None,
         controlnet: str = "inhibit",
         name: str | None = None,
     ) -> None:
@@ -122,7 +122,8 @@ class Guard:
             raise ConfigurationError("on_report must be callable")
         self._sink = sink
         # measured choices of the engine (docs/families.md, docs/precision.md)
-        self._engine_options = {"text_states": text_states, "carry": carry, "preserve": preserve, "controlnet": controlnet}
+        self._engine_options = {"text_states": text_states, "carry": carry, "controlnet": controlnet}
+        self._preserve = preserve  # None: the policy's preserve_by
         self._adapters = adapters if isinstance(adapters, AdapterLibrary) else AdapterLibrary(adapters)
         self._feature_pass = check_feature_pass(feature_pass)
         self._verifiers = {**default_verifiers(), **(verifiers or {})}
@@ -258,6 +259,7 @@ class Guard:
             return plan, 0.0
         specs, choices = self._concept_specs(snapshot, pipe)
         plan = compile_plan(pipe, specs, self._window(snapshot), options=options, family=family, sink=self._sink,  # type: ignore[arg-type]
+                            preserve=self._preserve or snapshot.policy.preserve_by,  # type: ignore[arg-type]
                             **self._engine_options)  # type: ignore[arg-type]
         with self._plans_lock:
             self._auto_choices[plan] = choices
@@ -294,10 +296,18 @@ class Guard:
         plan, compile_seconds = self._plan(pipe, snapshot, kwargs)
         self._served.add(pipe)
         choices = self._auto_choices.get(plan, ())
-        source = AdapterScales(plan, choices, self._feature_pass) if choices and not plan.is_empty else None
+        source: Any = AdapterScales(plan, choices, self._feature_pass) if choices and not plan.is_empty else None
+        adapters = source
+        gated = [snapshot.concept(spec.id).presence for spec in plan.concepts]
+        gate: PresenceGate | None = None
+        if not plan.is_empty and any(p.mode != "off" for p in gated):
+            # concepts not gated keep factor 1 whatever mode is listed for them
+            gate = source = PresenceGate(plan, [p.threshold if p.mode != "off" else None for p in gated],
+                                         mode=[p.mode if p.mode != "off" else "gate" for p in gated],  # type: ignore[misc]
+                                         base=adapters)
         with guarded_call(pipe, plan, scale_source=source) as record:
             output = _unguarded_call(pipe)(*args, **kwargs)
-        report = self._report(snapshot, plan, record, compile_seconds, time.perf_counter() - started, source)
+        report = self._report(snapshot, plan, record, compile_seconds, time.perf_counter() - started, adapters, gate)
         output, verification = run_verifiers(snapshot, output, self._verifiers)
         generation.observe(report, verification)
         _attach(output, report)
@@ -308,7 +318,7 @@ class Guard:
         )
         if verification is not None and verification.action == "block":
             raise ContentBlockedError(report, verification)
-        return GuardedOutput(output, report)
+        return GuardedOutput(output, report, verification)
 
     # -- helpers ----------------------------------------------------------------------------
     @staticmethod
@@ -321,7 +331,7 @@ class Guard:
         fingerprint = None
         for concept in snapshot.concepts:
             if concept.scale is not None:
-                specs.append(ConceptSpec(concept.id, concept.text, float(concept.scale), concept.scale_source))
+                specs.append(ConceptSpec(concept.id, concept.text, float(concept.scale), concept.scale_source, concept.anchors))
                 continue
             # `scale: auto`: the adapter for this model and category predicts it in each call
             auto = concept.auto
@@ -331,7 +341,7 @@ class Guard:
             if adapter is not None:
                 choices.append(AutoChoice.make(concept.id, adapter, policy_min=auto.min, policy_max=auto.max, fallback=auto.fallback))
                 # a placeholder > 0 (a max of 0 drops the concept); each call overwrites it
-                specs.append(ConceptSpec(concept.id, concept.text, float(auto.max), "adapter"))
+                specs.append(ConceptSpec(concept.id, concept.text, float(auto.max), "adapter", concept.anchors))
                 continue
             if snapshot.policy.on_missing_adapter == "error":
                 raise PolicyError(
@@ -340,16 +350,17 @@ class Guard:
                     file=snapshot.source,
                     place=f"concept {concept.id}",
                 )
-            specs.append(ConceptSpec(concept.id, concept.text, float(auto.fallback), "fallback"))
+            specs.append(ConceptSpec(concept.id, concept.text, float(auto.fallback), "fallback", concept.anchors))
         return specs, tuple(choices)
 
     @staticmethod
     def _report(
         snapshot: PolicySnapshot, plan: Plan, record: CallRecord, compile_seconds: float, seconds: float,
-        source: AdapterScales | None,
+        source: AdapterScales | None, gate: PresenceGate | None,
     ) -> GuardReport:
         measured = [record.first_step_attention[n] for n in plan.layer_names if n in record.first_step_attention]
         scales = source.current if source is not None else plan.token_scales  # adapters set them per call
+        scales = scales[0] if scales is not None and scales.ndim == 3 else scales  # per-row scales: the first row's
         auto = source.results if source is not None else {}
         concepts = []
         for row, (spec, positions) in enumerate(zip(plan.concepts, plan.token_positions)):
@@ -361,6 +372,8 @@ class Guard:
                 source_name,
                 tuple(float(layer[row, list(positions)].sum()) for layer in measured),
                 adapter=used.adapter if used else None,
+                presence=_column(gate.measured_presence if gate is not None else None, row),
+                gate=_column(gate.factor if gate is not None else None, row),
             ))
         inference = (source.seconds + record.probe_seconds) if source is not None else 0.0
         return GuardReport(
@@ -385,6 +398,11 @@ class Guard:
             denoiser_calls=record.denoiser_calls,
             processor_changes=tuple(record.foreign_changes),
         )
+
+
+def _column(values: Any, row: int) -> tuple[float, ...]:
+    """Column ``row`` of a ``(images, C)`` tensor as floats; () when there is none."""
+    return () if values is None else tuple(float(v) for v in values[:, row])
 
 
 def _attach(output: Any, report: GuardReport) -> None:

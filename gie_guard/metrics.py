@@ -2,13 +2,22 @@
 
 Every metric has the ``gie_guard_`` prefix, base units (seconds), ``_total`` on counters, and
 labels from bounded sets only: the policy name, the concept id (both restricted by the
-policy schema to ``[A-Za-z0-9_.-]``), an outcome, a reload result or a verifier action.
-Prompt text never becomes a label. docs/observability.md lists every metric.
+policy schema to ``[A-Za-z0-9_.-]``), an outcome, a reload result, a verifier action, and on
+the two reload gauges the ``guard`` label (see :func:`guard_label`). Prompt text never becomes
+a label. docs/observability.md lists every metric.
 
-One :class:`GuardMetrics` exists per ``CollectorRegistry`` (``GuardMetrics.for_registry``),
-so any number of guards in one process share it and never register a series twice. The
-policy label tells guards with different policies apart; guards that share a policy name
-add up into the same series.
+A :class:`GuardMetrics` is an explicit object: build it once per ``CollectorRegistry``
+(``GuardMetrics(registry, rule=...)``) and pass it to every guard that reports there
+(``Guard(metrics=...)``). :meth:`GuardMetrics.default` is the one of prometheus_client's
+global registry, created with the default rule on first use unless one was built on it
+before. A registry holds at most one GuardMetrics; a second is a ConfigurationError.
+
+The policy-state gauges (last reload success and its time, ``policy_info``,
+``policy_concepts``) are read at scrape time from the policy stores a GuardMetrics tracks
+(weak references: a guard that is gone leaves no series, and a retired policy version
+leaves none either). In multi-process mode (``PROMETHEUS_MULTIPROC_DIR``) a scrape reads
+the workers' files instead, so there they are pushed to the files on every load and
+reload.
 
 When a concept counts as *suppressed* in a generation (``gie_guard_concept_suppressions_total``)
 is decided by a :class:`SuppressionRule`: the concept was inhibited during at least one
@@ -18,14 +27,22 @@ first-step attention share (``AppliedConcept.attention``) was at least ``min_att
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import os
+import re
 import threading
-import time
+import warnings
 import weakref
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from .errors import ConfigurationError, ContentBlockedError
 
 if TYPE_CHECKING:
     from .policy import PolicySnapshot, PolicyStore, ReloadEvent
@@ -35,13 +52,18 @@ if TYPE_CHECKING:
 __all__ = [
     "OUTCOMES",
     "PREFIX",
+    "PolicyState",
     "RELOAD_RESULTS",
+    "Generation",
     "GuardMetrics",
     "SuppressionRule",
     "concept_suppressed",
+    "guard_label",
 ]
 
 log = logging.getLogger("gie_guard.metrics")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 PREFIX = "gie_guard"
 # outcome of one guarded generation
@@ -80,8 +102,10 @@ class SuppressionRule:
     min_attention: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.min_scale < 0 or not 0.0 <= self.min_attention <= 1.0:
-            raise ValueError("min_scale must be >= 0 and min_attention within [0, 1]")
+        if not (self.min_scale >= 0 and 0.0 <= self.min_attention <= 1.0):  # NaN fails too
+            raise ConfigurationError(
+                f"min_scale must be >= 0 and min_attention within [0, 1], got {self.min_scale}, {self.min_attention}"
+            )
 
 
 def concept_suppressed(concept: AppliedConcept, report: GuardReport, rule: SuppressionRule = SuppressionRule()) -> bool:
@@ -96,133 +120,270 @@ def concept_suppressed(concept: AppliedConcept, report: GuardReport, rule: Suppr
     return attention >= rule.min_attention
 
 
-class GuardMetrics:
-    """The guard's metrics in one registry. Get it with :meth:`for_registry` (one per registry).
+_GUARD_NAME = re.compile(r"[A-Za-z0-9_.:@/-]{1,64}")
 
-    ``registry=None`` means prometheus_client's default ``REGISTRY``. In multi-process mode
-    (``PROMETHEUS_MULTIPROC_DIR`` set) the values go to the shared directory; gauges carry
-    the ``multiprocess_mode`` given in docs/observability.md.
+
+def guard_label(source: str | None, name: str | None = None) -> str:
+    """The ``guard`` label of the reload gauges: ``name`` when given (1-64 of
+    ``[A-Za-z0-9_.:@/-]``), else derived from the policy source: ``shipped:NAME`` for a
+    shipped policy, ``FILE@HASH8`` (the file name and 8 hex digits of the sha256 of its
+    absolute path) for a file, ``object`` for a dict or Policy. One value per policy source
+    a process loads, so the label set stays as small as the set of guards."""
+    if name is not None:
+        if not isinstance(name, str) or not _GUARD_NAME.fullmatch(name):
+            raise ConfigurationError(f"a guard name is 1-64 of [A-Za-z0-9_.:@/-], got {name!r}")
+        return name
+    if source is None:
+        return "object"
+    if source.startswith("shipped:"):
+        return source
+    digest = hashlib.sha256(os.path.abspath(source).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{os.path.basename(source)[:48]}@{digest}"
+
+
+@dataclass
+class _Tracked:
+    label: str
+
+
+@dataclass
+class PolicyState:
+    """What the policy-state gauges show: ``reload`` (policy, guard) -> (last load or reload
+    succeeded, its Unix time), ``info`` (policy, version, content hash) of the active
+    policies, ``concepts`` per policy name."""
+
+    reload: dict[tuple[str, str], tuple[bool, float | None]] = field(default_factory=dict)  # (policy, guard)
+    info: set[tuple[str, str, str]] = field(default_factory=set)  # (policy, version, content_hash)
+    concepts: dict[str, int] = field(default_factory=dict)  # policy -> concepts
+
+
+_RELOAD_SUCCESS = (f"{PREFIX}_policy_last_reload_success",
+                   "1 if the last policy reload (or the first load) of the guard's policy source succeeded, else 0.")
+_RELOAD_TIME = (f"{PREFIX}_policy_last_reload_success_timestamp_seconds",
+                "Unix time of the last successful policy load or reload of the guard's policy source.")
+_INFO = (f"{PREFIX}_policy_info",
+         "1 for each active policy's name, version (the operator's revision label) and content hash.")
+_CONCEPTS = (f"{PREFIX}_policy_concepts", "Concepts of the active policy (after aliases and deduplication).")
+
+_BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, GuardMetrics] = weakref.WeakKeyDictionary()
+_BY_REGISTRY_LOCK = threading.Lock()
+
+
+class GuardMetrics:
+    """The guard's metrics in one ``CollectorRegistry`` (default: prometheus_client's global
+    ``REGISTRY``), with the :class:`SuppressionRule` that decides
+    ``gie_guard_concept_suppressions_total``. Build one per registry and pass it to every
+    guard that reports there: ``Guard(metrics=GuardMetrics(registry, rule=...))``.
+
+    In multi-process mode (``PROMETHEUS_MULTIPROC_DIR`` set when the object is built) the
+    values go to the shared directory; gauges carry the ``multiprocess_mode`` given in
+    docs/observability.md.
     """
 
-    _instances: weakref.WeakKeyDictionary[CollectorRegistry, GuardMetrics] = weakref.WeakKeyDictionary()
-    _instances_lock = threading.Lock()
+    def __init__(self, registry: CollectorRegistry | None = None, *, rule: SuppressionRule | None = None) -> None:
+        registry = REGISTRY if registry is None else registry
+        rule = SuppressionRule() if rule is None else rule
+        if not isinstance(rule, SuppressionRule):
+            raise ConfigurationError(f"rule must be a SuppressionRule, got {type(rule).__name__}")
+        self.registry = registry
+        self.rule = rule
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+        self._lock = threading.Lock()
+        self._tracked: weakref.WeakKeyDictionary[PolicyStore, _Tracked] = weakref.WeakKeyDictionary()
+        self._pushed_info: set[tuple[str, str, str]] = set()  # multi-process: info series set to 1
+        with _BY_REGISTRY_LOCK:
+            other = _BY_REGISTRY.get(registry)
+            if other is not None:
+                raise ConfigurationError(
+                    f"this registry has a GuardMetrics already ({other.rule}); pass that object to every Guard "
+                    "(Guard(metrics=...)), or give this one its own CollectorRegistry"
+                )
+            self._register(registry)
+            _BY_REGISTRY[registry] = self
+
+    @classmethod
+    def default(cls) -> GuardMetrics:
+        """The GuardMetrics of prometheus_client's global registry: the one built on it, or
+        one with the default rule, built now. Guards given no metrics use this."""
+        return cls._of(REGISTRY, None)
 
     @classmethod
     def for_registry(cls, registry: CollectorRegistry | None = None, *, rule: SuppressionRule | None = None) -> GuardMetrics:
-        """The registry's shared instance, created on first use. ``rule`` applies only when
-        it is created; a different rule for an existing instance is an error."""
-        registry = REGISTRY if registry is None else registry
-        with cls._instances_lock:
-            metrics = cls._instances.get(registry)
-            if metrics is None:
-                metrics = cls._instances[registry] = cls(registry, rule=rule or SuppressionRule())
-            elif rule is not None and rule != metrics.rule:
-                raise ValueError(f"this registry's GuardMetrics already uses {metrics.rule}, not {rule}")
-            return metrics
+        """Deprecated: build ``GuardMetrics(registry, rule=...)`` once and pass it as
+        ``Guard(metrics=...)``. Returns the registry's GuardMetrics, built on first use;
+        a ``rule`` other than the one it has is a ConfigurationError."""
+        warnings.warn(
+            "GuardMetrics.for_registry() is deprecated: build GuardMetrics(registry, rule=...) once and pass it as "
+            "Guard(metrics=...); GuardMetrics.default() is the global registry's",
+            DeprecationWarning, stacklevel=2,
+        )
+        return cls._of(REGISTRY if registry is None else registry, rule)
 
-    def __init__(self, registry: CollectorRegistry, *, rule: SuppressionRule = SuppressionRule()) -> None:
-        # Direct construction registers the metrics in `registry`; a second instance on the
-        # same registry raises prometheus_client's "Duplicated timeseries". Use for_registry.
-        self.registry = registry
-        self.rule = rule
-        self._lock = threading.Lock()
-        self._info: dict[str, tuple[str, str]] = {}  # policy name -> (version, content hash) shown
+    @classmethod
+    def _of(cls, registry: CollectorRegistry, rule: SuppressionRule | None) -> GuardMetrics:
+        with _BY_REGISTRY_LOCK:
+            found = _BY_REGISTRY.get(registry)
+        if found is None:
+            try:
+                return cls(registry, rule=rule)
+            except ConfigurationError:  # another thread built it meanwhile
+                with _BY_REGISTRY_LOCK:
+                    found = _BY_REGISTRY.get(registry)
+                if found is None:
+                    raise
+        if rule is not None and rule != found.rule:
+            raise ConfigurationError(f"this registry's GuardMetrics already uses {found.rule}, not {rule}")
+        return found
+
+    def _register(self, registry: CollectorRegistry) -> None:
+        made: list[Any] = []
+
+        def add(metric: Any) -> Any:
+            made.append(metric)
+            return metric
+
         r = registry
-        self.generations = Counter(
-            f"{PREFIX}_generations_total", "Guarded generations by policy and outcome.",
-            ["policy", "outcome"], registry=r)
-        self.concept_applications = Counter(
-            f"{PREFIX}_concept_applications_total",
-            "Generations in which the concept was inhibited (at least one step, scale above 0).",
-            ["policy", "concept"], registry=r)
-        self.concept_suppressions = Counter(
-            f"{PREFIX}_concept_suppressions_total",
-            "Generations in which the concept counts as suppressed: inhibited, largest token scale "
-            ">= min_scale and measured first-step attention share >= min_attention.",
-            ["policy", "concept"], registry=r)
-        self.concept_scale = Histogram(
-            f"{PREFIX}_concept_scale", "Largest token scale applied to the concept per generation (unitless).",
-            ["policy", "concept"], buckets=SCALE_BUCKETS, registry=r)
-        self.concept_attention = Histogram(
-            f"{PREFIX}_concept_attention_ratio",
-            "The concept's measured first-step attention share on its own tokens (0-1) per generation.",
-            ["policy", "concept"], buckets=RATIO_BUCKETS, registry=r)
-        self.added_seconds = Histogram(
-            f"{PREFIX}_added_seconds", "Seconds the guard added to a generation (plan compilation and inhibitors).",
-            ["policy"], buckets=SECONDS_BUCKETS, registry=r)
-        self.generation_seconds = Histogram(
-            f"{PREFIX}_generation_duration_seconds", "Wall seconds of whole guarded generations.",
-            ["policy"], buckets=SECONDS_BUCKETS, registry=r)
-        self.reloads = Counter(
-            f"{PREFIX}_policy_reloads_total", "Policy reloads by result (success, failure, unchanged).",
-            ["policy", "result"], registry=r)
-        self.last_reload_success = Gauge(
-            f"{PREFIX}_policy_last_reload_success", "1 if the last policy reload (or the first load) succeeded, else 0.",
-            ["policy"], registry=r, multiprocess_mode="livemin")
-        self.last_reload_success_time = Gauge(
-            f"{PREFIX}_policy_last_reload_success_timestamp_seconds",
-            "Unix time of the last successful policy load or reload.",
-            ["policy"], registry=r, multiprocess_mode="livemax")
-        self.policy_info = Gauge(
-            f"{PREFIX}_policy_info", "1 for the active policy's name, version (the operator's revision label) and content hash.",
-            ["policy", "version", "content_hash"], registry=r, multiprocess_mode="livemax")
-        self.policy_concepts = Gauge(
-            f"{PREFIX}_policy_concepts", "Concepts of the active policy (after aliases and deduplication).",
-            ["policy"], registry=r, multiprocess_mode="livemax")
-        self.verified_images = Counter(
-            f"{PREFIX}_verified_images_total", "Images a verifier checked for the concept.",
-            ["policy", "concept"], registry=r)
-        self.residual_detections = Counter(
-            f"{PREFIX}_residual_detections_total",
-            "Images in which a verifier still found the concept after generation, by the concept's policy action.",
-            ["policy", "concept", "action"], registry=r)
-        self.verification_seconds = Histogram(
-            f"{PREFIX}_verification_duration_seconds", "Seconds spent running verifiers per generation.",
-            ["policy"], buckets=SECONDS_BUCKETS, registry=r)
+        try:
+            self.generations = add(Counter(
+                f"{PREFIX}_generations_total", "Guarded generations by policy and outcome.",
+                ["policy", "outcome"], registry=r))
+            self.concept_applications = add(Counter(
+                f"{PREFIX}_concept_applications_total",
+                "Generations in which the concept was inhibited (at least one step, scale above 0).",
+                ["policy", "concept"], registry=r))
+            self.concept_suppressions = add(Counter(
+                f"{PREFIX}_concept_suppressions_total",
+                "Generations in which the concept counts as suppressed: inhibited, largest token scale "
+                ">= min_scale and measured first-step attention share >= min_attention.",
+                ["policy", "concept"], registry=r))
+            self.concept_scale = add(Histogram(
+                f"{PREFIX}_concept_scale", "Largest token scale applied to the concept per generation (unitless).",
+                ["policy", "concept"], buckets=SCALE_BUCKETS, registry=r))
+            self.concept_attention = add(Histogram(
+                f"{PREFIX}_concept_attention_ratio",
+                "The concept's measured first-step attention share on its own tokens (0-1) per generation.",
+                ["policy", "concept"], buckets=RATIO_BUCKETS, registry=r))
+            self.added_seconds = add(Histogram(
+                f"{PREFIX}_added_seconds", "Seconds the guard added to a generation (plan compilation and inhibitors).",
+                ["policy"], buckets=SECONDS_BUCKETS, registry=r))
+            self.generation_seconds = add(Histogram(
+                f"{PREFIX}_generation_duration_seconds", "Wall seconds of whole guarded generations.",
+                ["policy"], buckets=SECONDS_BUCKETS, registry=r))
+            self.reloads = add(Counter(
+                f"{PREFIX}_policy_reloads_total", "Policy reloads by result (success, failure, unchanged).",
+                ["policy", "result"], registry=r))
+            self.verified_images = add(Counter(
+                f"{PREFIX}_verified_images_total", "Images a verifier checked for the concept.",
+                ["policy", "concept"], registry=r))
+            self.residual_detections = add(Counter(
+                f"{PREFIX}_residual_detections_total",
+                "Images in which a verifier still found the concept after generation, by the concept's policy action.",
+                ["policy", "concept", "action"], registry=r))
+            self.verification_seconds = add(Histogram(
+                f"{PREFIX}_verification_duration_seconds", "Seconds spent running verifiers per generation.",
+                ["policy"], buckets=SECONDS_BUCKETS, registry=r))
+            if self.multiprocess:
+                # A scrape reads only the workers' files: these gauges are pushed (see _push).
+                self._gauges = (
+                    add(Gauge(*_RELOAD_SUCCESS, ["policy", "guard"], registry=r, multiprocess_mode="livemin")),
+                    add(Gauge(*_RELOAD_TIME, ["policy", "guard"], registry=r, multiprocess_mode="livemax")),
+                    add(Gauge(*_INFO, ["policy", "version", "content_hash"], registry=r, multiprocess_mode="livemax")),
+                    add(Gauge(*_CONCEPTS, ["policy"], registry=r, multiprocess_mode="livemax")),
+                )
+            else:
+                r.register(add(_PolicyStateCollector(self)))
+        except ValueError as exc:  # "Duplicated timeseries": something else registered our names
+            for metric in made:
+                with contextlib.suppress(KeyError):
+                    r.unregister(metric)
+            raise ConfigurationError(f"cannot register gie_guard's metrics in this registry: {exc}") from exc
 
     def __repr__(self) -> str:
-        return f"GuardMetrics(policies={sorted(self._info)}, rule={self.rule})"
+        with self._lock:
+            guards = sorted(t.label for t in self._tracked.values())
+        return f"GuardMetrics(rule={self.rule}, guards={guards}, multiprocess={self.multiprocess})"
 
     # -- policy -----------------------------------------------------------------------------
-    def track(self, store: PolicyStore) -> None:
-        """Show ``store``'s policy now and follow its reloads."""
-        state = store.state
-        self.set_policy(store.current)
-        name = store.current.name
-        self.last_reload_success.labels(name).set(1.0 if state.last_result != "failure" else 0.0)
-        if state.last_success_at is not None:
-            self.last_reload_success_time.labels(name).set(state.last_success_at)
-        shown = [store.current]
+    def track(self, store: PolicyStore, *, guard: str | None = None) -> str:
+        """Report ``store``'s policy state (reload gauges, ``policy_info``, concepts) from now on,
+        and count its reloads. ``guard`` names it in the reload gauges' ``guard`` label
+        (default: derived from the policy source, :func:`guard_label`). Returns the label.
+        Tracking the same store again changes nothing. The store is held weakly."""
+        label = guard_label(store.current.source, guard)
+        with self._lock:
+            found = self._tracked.get(store)
+            if found is not None:
+                return found.label
+            self._tracked[store] = _Tracked(label)
+        self._touch(store.current)
+        store_ref = weakref.ref(store)  # a strong one would keep the store (and its guard) alive
 
         def listener(event: ReloadEvent) -> None:
-            old = shown[0]
-            self.on_reload(event)
-            if event.result == "success":
-                shown[0] = event.snapshot
-                if event.snapshot.name != old.name:  # renamed: the old name is no longer active
-                    self.retire(old)
+            tracked = store_ref()
+            if tracked is not None and tracked in self._tracked:  # untracked: a no-op
+                self._on_reload(event)
 
         store.add_listener(listener)
+        if self.multiprocess:
+            self._push()
+        return label
 
-    def retire(self, snapshot: PolicySnapshot) -> None:
-        """``snapshot`` is no longer active: its ``gie_guard_policy_info`` series drops to 0."""
+    def untrack(self, store: PolicyStore) -> None:
+        """Stop reporting ``store`` (a closed guard): its policy-state series go away."""
         with self._lock:
-            if self._info.get(snapshot.name) == (snapshot.policy.version, snapshot.content_hash):
-                del self._info[snapshot.name]
-                self.policy_info.labels(snapshot.name, snapshot.policy.version, snapshot.content_hash).set(0)
+            self._tracked.pop(store, None)
+        if self.multiprocess:
+            self._push()
 
-    def set_policy(self, snapshot: PolicySnapshot) -> None:
-        """Show ``snapshot`` as its policy's active version and create its series at zero."""
+    def _on_reload(self, event: ReloadEvent) -> None:
+        self.reloads.labels(event.snapshot.name, event.result).inc()
+        if event.result == "success":
+            self._touch(event.snapshot)
+        if self.multiprocess:
+            self._push()
+
+    def policy_state(self) -> PolicyState:
+        """What the policy-state gauges show now, from the tracked stores. Stores that share a
+        label set are merged: the reload gauge takes the worst (0 if any failed), the time and
+        the concept count the largest."""
+        with self._lock:
+            tracked = [(store, entry.label) for store, entry in self._tracked.items()]
+        state = PolicyState()
+        for store, label in tracked:
+            snapshot, reloads = store.current, store.state
+            key = (snapshot.name, label)
+            ok, at = reloads.last_result != "failure", reloads.last_success_at
+            if key in state.reload:
+                was_ok, was_at = state.reload[key]
+                ok, at = ok and was_ok, max((t for t in (at, was_at) if t is not None), default=None)
+            state.reload[key] = (ok, at)
+            state.info.add((snapshot.name, snapshot.policy.version, snapshot.content_hash))
+            state.concepts[snapshot.name] = max(len(snapshot.concepts), state.concepts.get(snapshot.name, 0))
+        return state
+
+    def _push(self) -> None:
+        """Multi-process mode: write the policy state to this worker's files. A retired
+        ``policy_info`` series is set to 0 (prometheus_client cannot delete a key from a
+        worker's file; it goes when the worker does)."""
+        success, when, info, concepts = self._gauges
+        state = self.policy_state()
+        with self._lock:
+            for (policy, label), (ok, at) in state.reload.items():
+                success.labels(policy, label).set(1.0 if ok else 0.0)
+                if at is not None:
+                    when.labels(policy, label).set(at)
+            for retired in self._pushed_info - state.info:
+                info.labels(*retired).set(0)
+            for shown in state.info:
+                info.labels(*shown).set(1)
+            self._pushed_info = set(state.info)
+            for policy, n in state.concepts.items():
+                concepts.labels(policy).set(n)
+
+    def _touch(self, snapshot: PolicySnapshot) -> None:
+        """Create the label children of ``snapshot``'s policy and concepts at zero, so the
+        series exist before the first generation."""
         name = snapshot.name
-        with self._lock:
-            shown = (snapshot.policy.version, snapshot.content_hash)
-            old = self._info.get(name)
-            if old is not None and old != shown:
-                # set, not remove: in multi-process mode a removed child keeps its last value
-                self.policy_info.labels(name, *old).set(0)
-            self._info[name] = shown
-            self.policy_info.labels(name, *shown).set(1)
-        self.policy_concepts.labels(name).set(len(snapshot.concepts))
         for outcome in OUTCOMES:
             self.generations.labels(name, outcome)
         for result in RELOAD_RESULTS:
@@ -240,25 +401,47 @@ class GuardMetrics:
         if verified:
             self.verification_seconds.labels(name)
 
-    def on_reload(self, event: ReloadEvent) -> None:
-        """A ``PolicyStore`` listener: count the reload and show the live policy."""
-        name = event.snapshot.name
-        self.reloads.labels(name, event.result).inc()
-        if event.result == "failure":
-            self.last_reload_success.labels(name).set(0)
-            return
-        self.last_reload_success.labels(name).set(1)
-        self.last_reload_success_time.labels(name).set(time.time())
-        if event.result == "success":
-            self.set_policy(event.snapshot)
-
     # -- generations ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def generation(self, policy: str) -> Iterator[Generation]:
+        """Count one guarded call in ``gie_guard_generations_total`` exactly once, by how it
+        ends: returned -> the verification's outcome (``ok`` without one); raised
+        ``ContentBlockedError`` -> ``blocked``; raised anything else -> ``error``, also
+        after the report was observed (an ``on_report`` callback that raises)::
+
+            with metrics.generation(snapshot.name) as generation:
+                ...                                            # the guarded call
+                generation.observe(report, verification)       # per-concept metrics, once
+                on_report(report)
+                if blocked: raise ContentBlockedError(...)
+        """
+        generation = Generation(self, policy)
+        try:
+            yield generation
+        except ContentBlockedError:
+            self.generations.labels(policy, "blocked").inc()
+            raise
+        except BaseException:
+            self.generations.labels(policy, "error").inc()
+            raise
+        self.generations.labels(policy, generation.outcome).inc()
+
     def observe(self, report: GuardReport, outcome: str, verification: Verification | None = None) -> None:
-        """Count one generation that produced a report (outcomes ok, recorded, blurred, blocked)."""
+        """Count one generation that produced a report, with its outcome. Prefer
+        :meth:`generation`, which decides the outcome by how the call ends."""
         if outcome not in OUTCOMES:
-            raise ValueError(f"unknown outcome {outcome!r}; one of {OUTCOMES}")
+            raise ConfigurationError(f"unknown outcome {outcome!r}; one of {OUTCOMES}")
+        self.observe_report(report, verification)
+        self.generations.labels(report.policy_name, outcome).inc()
+
+    def observe_error(self, policy: str) -> None:
+        """Count one generation that raised before it had a report (outcome ``error``)."""
+        self.generations.labels(policy, "error").inc()
+
+    def observe_report(self, report: GuardReport, verification: Verification | None = None) -> None:
+        """Every metric of one generation's report and verification except
+        ``gie_guard_generations_total`` (which :meth:`generation` counts)."""
         policy = report.policy_name
-        self.generations.labels(policy, outcome).inc()
         self.added_seconds.labels(policy).observe(report.added_seconds)
         self.generation_seconds.labels(policy).observe(report.call_seconds)
         inhibited = bool(report.steps_inhibited)
@@ -278,9 +461,50 @@ class GuardMetrics:
             for hit in verification.hits:
                 self.residual_detections.labels(policy, hit.concept_id, hit.action).inc(len(hit.images))
 
-    def observe_error(self, policy: str) -> None:
-        """Count one generation that raised (outcome ``error``)."""
-        self.generations.labels(policy, "error").inc()
+
+class Generation:
+    """One guarded call inside :meth:`GuardMetrics.generation`."""
+
+    def __init__(self, metrics: GuardMetrics, policy: str) -> None:
+        self._metrics = metrics
+        self.policy = policy
+        self.outcome = "ok"
+        self._observed = False
+
+    def observe(self, report: GuardReport, verification: Verification | None = None) -> None:
+        """Record the call's report and verification (once); the outcome if it returns is
+        the verification's."""
+        if self._observed:
+            raise ConfigurationError("a generation's report is observed once")
+        self._observed = True
+        self._metrics.observe_report(report, verification)
+        self.outcome = verification.outcome if verification is not None else "ok"
+
+
+class _PolicyStateCollector:
+    """Reads the policy-state gauges from the tracked stores at scrape time."""
+
+    def __init__(self, metrics: GuardMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(*_RELOAD_SUCCESS, labels=["policy", "guard"]),
+                GaugeMetricFamily(*_RELOAD_TIME, labels=["policy", "guard"]),
+                GaugeMetricFamily(*_INFO, labels=["policy", "version", "content_hash"]),
+                GaugeMetricFamily(*_CONCEPTS, labels=["policy"])]
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        success, when, info, concepts = self.describe()
+        state = self._metrics.policy_state()
+        for (policy, label), (ok, at) in sorted(state.reload.items()):
+            success.add_metric([policy, label], 1.0 if ok else 0.0)
+            if at is not None:
+                when.add_metric([policy, label], at)
+        for shown in sorted(state.info):
+            info.add_metric(list(shown), 1.0)
+        for policy, n in sorted(state.concepts.items()):
+            concepts.add_metric([policy], float(n))
+        return [success, when, info, concepts]
 
 
 def _verified_concept_ids(snapshot: PolicySnapshot) -> list[str]:

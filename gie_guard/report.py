@@ -21,6 +21,10 @@ class AppliedConcept:
     # rows that carry the prompt. Empty when nothing was measured.
     attention_per_layer: tuple[float, ...] = ()
     adapter: str | None = None  # for `scale: auto`: the adapter that chose token_scales (name@fingerprint)
+    # presence gating (policy `presence:`): per image of the call, the measured presence and
+    # the factor its scales were multiplied by (1 inhibited, 0 spared). Empty when not gated.
+    presence: tuple[float, ...] = ()
+    gate: tuple[float, ...] = ()
 
     @property
     def attention(self) -> float | None:
@@ -65,10 +69,17 @@ class GuardReport:
 
 @dataclass(frozen=True)
 class GuardedOutput:
-    """``guard.generate(...)``: the pipeline's output and the call's report together."""
+    """``guard.generate(...)``: the pipeline's output, the call's report, and what the
+    policy's verifiers found (None when no concept asks for verification)."""
 
     output: Any
     report: GuardReport
+    verification: Any = None  # gie_guard.verifiers.Verification
+
+    @property
+    def outcome(self) -> str:
+        """The call's outcome as metrics count it: ok, recorded or blurred (blocked raises)."""
+        return self.verification.outcome if self.verification is not None else "ok"
 
     @property
     def images(self) -> Any:

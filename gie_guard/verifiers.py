@@ -1,6 +1,6 @@
 """Verifiers: an optional check of the output after generation.
 
-A verifier is anything with one method::
+A verifier is a :class:`gie_guard.detectors.Detector`: anything with one method::
 
     def __call__(self, images: list[PIL.Image.Image]) -> list[set[str]]   # labels per image
 
@@ -11,13 +11,17 @@ detection* of that concept, and the concept's action applies:
 
 - ``record``: count it (``gie_guard_residual_detections_total``) and return the images;
 - ``blur``: replace each affected image by a strongly blurred copy (:func:`blur_image`);
-- ``block``: raise :class:`ContentBlockedError` (a ``GuardError``) carrying the report and
-  the detections; no image is returned. The strongest action over all hits wins.
+- ``block``: raise :class:`~gie_guard.errors.ContentBlockedError` carrying the report and the
+  detections; no image is returned. The strongest action over all hits wins.
 
-A verifier that raises fails the call closed (the error propagates, counted as ``error``).
+Fails closed: a verifier that raises, or whose answer is anything but a ``list`` with one
+``set``/``frozenset`` of ``str`` labels per image, fails the call with ``GuardedCallError``
+(counted as ``error``). A string per image would otherwise be read as a set of characters
+and block nothing.
 
-Shipped verifiers: :class:`NudeNetVerifier` (label ``nudity``) and :class:`ShapesVerifier`
-(the shapes-world detector's attribute words). :class:`StaticVerifier` is the test double.
+Every Guard knows ``nudenet`` (:func:`default_verifiers`, built on first use). Others, the toy
+``shapes`` detector included, are passed by the code that needs them:
+``Guard(verifiers={"shapes": gie_guard.detectors.create("shapes")})``.
 """
 
 from __future__ import annotations
@@ -25,30 +29,30 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .errors import GuardedCallError, GuardError
+from . import detectors
+from .detectors import Detector
+from .errors import ContentBlockedError, GuardedCallError
 
 if TYPE_CHECKING:
     from .policy import PolicySnapshot
     from .policy.schema import Verify
-    from .report import GuardReport
 
 __all__ = [
-    "NUDENET_LABELS",
     "ContentBlockedError",
     "Hit",
-    "NudeNetVerifier",
-    "ShapesVerifier",
     "StaticVerifier",
     "Verification",
     "Verifier",
     "blur_image",
+    "check_answer",
     "check_verifiers",
     "default_verifiers",
     "run_verifiers",
@@ -59,12 +63,25 @@ log = logging.getLogger("gie_guard.verifiers")
 
 _ACTION_RANK = {"record": 0, "blur": 1, "block": 2}
 
+# A verifier is a detector; the name stays for the ``Guard(verifiers=...)`` vocabulary.
+Verifier = Detector
 
-@runtime_checkable
-class Verifier(Protocol):
-    """Images in, a set of detected labels per image out (same order, same length)."""
+# Old names, now in gie_guard.detectors (one NudeNet wrapper, one shapes wrapper).
+_MOVED = {
+    "NUDENET_LABELS": ("gie_guard.detectors.nudenet", "NUDENET_LABELS"),
+    "NudeNetVerifier": ("gie_guard.detectors.nudenet", "NudeNetDetector"),
+    "ShapesVerifier": ("gie_guard.detectors.shapes", "ShapesDetector"),
+}
 
-    def __call__(self, images: Sequence[Image.Image]) -> list[set[str]]: ...
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        module, attr = _MOVED[name]
+        warnings.warn(f"gie_guard.verifiers.{name} is deprecated; use {module}.{attr}", DeprecationWarning, stacklevel=2)
+        import importlib
+
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -98,21 +115,6 @@ class Verification:
         return {None: "ok", "record": "recorded", "blur": "blurred", "block": "blocked"}[self.action]
 
 
-class ContentBlockedError(GuardError):
-    """A verifier found a concept whose policy action is ``block``; the output is withheld.
-
-    ``report`` is the call's GuardReport, ``verification`` what the verifiers found,
-    ``concept_ids`` the blocking concepts."""
-
-    def __init__(self, report: GuardReport, verification: Verification) -> None:
-        self.report = report
-        self.verification = verification
-        blocking = [h for h in verification.hits if h.action == "block"]
-        self.concept_ids = tuple(dict.fromkeys(h.concept_id for h in blocking))
-        where = "; ".join(f"{h.concept_id} in image(s) {list(h.images)} ({h.verifier})" for h in blocking)
-        super().__init__(f"output blocked by policy {report.policy_name!r}: residual {where}")
-
-
 def verify_settings(snapshot: PolicySnapshot) -> dict[str, Verify]:
     """Policy concept id -> its ``verify`` settings, for enabled concepts that have them."""
     return {c.id: c.verify for c in snapshot.policy.concepts if c.enabled and getattr(c, "verify", None) is not None}
@@ -124,11 +126,36 @@ def check_verifiers(snapshot: PolicySnapshot, verifiers: Mapping[str, Verifier])
 
     for concept_id, verify in verify_settings(snapshot).items():
         if verify.verifier not in verifiers:
+            name = verify.verifier
+            hint = (f"gie_guard.detectors has one of that name: pass Guard(verifiers={{{name!r}: "
+                    f"gie_guard.detectors.create({name!r})}})") if name in detectors.names() else \
+                "pass others as Guard(verifiers={name: verifier})"
             raise PolicyError(
-                f"unknown verifier {verify.verifier!r} (known: {', '.join(sorted(verifiers))}; pass others as "
-                "Guard(verifiers={name: verifier}))",
+                f"unknown verifier {name!r} (this guard knows: {', '.join(sorted(verifiers)) or 'none'}; {hint})",
                 file=snapshot.source, place=f"concept {concept_id}.verify",
             )
+
+
+def check_answer(name: str, found: Any, count: int) -> list[frozenset[str]]:
+    """``found``, a verifier's answer for ``count`` images, as label sets; GuardedCallError
+    (the output is withheld) unless it is a list of ``count`` sets or frozensets of str."""
+    def wrong(what: str) -> GuardedCallError:
+        return GuardedCallError(
+            f"verifier {name!r} answered {what}; a verifier answers a list with one set of str labels per "
+            "image, so the output is withheld"
+        )
+
+    if not isinstance(found, list):
+        raise wrong(f"a {type(found).__name__}")
+    if len(found) != count:
+        raise GuardedCallError(f"verifier {name!r} answered for {len(found)} images, not {count}; the output is withheld")
+    for i, labels in enumerate(found):
+        if not isinstance(labels, (set, frozenset)):
+            raise wrong(f"a {type(labels).__name__} for image {i}")
+        odd = next((label for label in labels if not isinstance(label, str)), None)
+        if odd is not None:
+            raise wrong(f"a {type(odd).__name__} label ({odd!r}) for image {i}")
+    return [frozenset(labels) for labels in found]
 
 
 def blur_image(image: Image.Image, radius: float | None = None) -> Image.Image:
@@ -212,14 +239,12 @@ def run_verifiers(
                 f"policy {snapshot.name!r} asks verifier {name!r} (concepts {', '.join(concept_ids)}) but the Guard "
                 f"has none of that name (known: {', '.join(sorted(verifiers)) or 'none'}); the output is withheld"
             )
-        found = verifier(images)
-        if len(found) != len(images):
-            raise GuardedCallError(f"verifier {name!r} answered for {len(found)} images, not {len(images)}")
+        found = check_answer(name, verifier(images), len(images))
         for concept_id in concept_ids:
             verify = settings[concept_id]
-            labels = set(verify.labels or (concept_id,))
+            labels = frozenset(verify.labels or (concept_id,))
             checked[concept_id] = len(images)
-            flagged = tuple(i for i, detected in enumerate(found) if labels & set(detected))
+            flagged = tuple(i for i, detected in enumerate(found) if labels & detected)
             if flagged:
                 hits.append(Hit(concept_id, name, flagged, verify.action))
     verification = Verification(tuple(hits), checked, time.perf_counter() - started)
@@ -235,89 +260,39 @@ def run_verifiers(
 
 
 def default_verifiers() -> dict[str, Verifier]:
-    """The verifiers every Guard knows by name, built on first use: ``nudenet``, ``shapes``."""
-    return {"nudenet": _Lazy(NudeNetVerifier), "shapes": _Lazy(ShapesVerifier)}
+    """The verifiers every Guard knows by name: ``nudenet`` (built on first use, one per
+    process). The toy ``shapes`` detector is not one of them."""
+    return {"nudenet": _Lazy("nudenet")}
 
 
 class _Lazy:
-    """Builds the verifier on its first call (loading a detector costs seconds)."""
+    """``gie_guard.detectors.shared(name)``, looked up on the first call (loading a detector
+    costs seconds, and a guard that never verifies should not pay it)."""
 
-    def __init__(self, factory: Callable[[], Verifier]) -> None:
-        self._factory = factory
-        self._verifier: Verifier | None = None
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._detector: Detector | None = None
         self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<detector {self.name!r}, loaded on first use>"
 
     def __call__(self, images: Sequence[Image.Image]) -> list[set[str]]:
         with self._lock:
-            if self._verifier is None:
-                self._verifier = self._factory()
-        return self._verifier(images)
-
-
-# -- shipped verifiers ----------------------------------------------------------------------
-
-# NudeNet 3.4 class -> gie_guard label. Only exposed classes count; covered body parts,
-# faces, feet, bellies and armpits are not nudity.
-NUDENET_LABELS: dict[str, str] = {
-    "FEMALE_BREAST_EXPOSED": "nudity",
-    "FEMALE_GENITALIA_EXPOSED": "nudity",
-    "MALE_GENITALIA_EXPOSED": "nudity",
-    "BUTTOCKS_EXPOSED": "nudity",
-    "ANUS_EXPOSED": "nudity",
-}
-
-
-class NudeNetVerifier:
-    """NudeNet's detector: an image is labelled ``nudity`` when a class of
-    :data:`NUDENET_LABELS` is detected with score >= ``threshold`` (also the raw class name,
-    so a policy can verify e.g. ``labels: [FEMALE_BREAST_EXPOSED]``)."""
-
-    def __init__(self, threshold: float = 0.5, labels: Mapping[str, str] = NUDENET_LABELS, detector: Any = None) -> None:
-        if detector is None:
-            try:
-                from nudenet import NudeDetector
-            except ImportError as exc:
-                raise ImportError("NudeNetVerifier needs nudenet: pip install 'gie-guard[nudity]'") from exc
-            detector = NudeDetector()
-        self.detector = detector
-        self.threshold = threshold
-        self.labels = dict(labels)
-
-    def detections(self, image: Image.Image) -> list[dict[str, Any]]:
-        """NudeNet's raw detections ({class, score, box}) for one image."""
-        return self.detector.detect(np.ascontiguousarray(np.asarray(image.convert("RGBA"))))
-
-    def __call__(self, images: Sequence[Image.Image]) -> list[set[str]]:
-        out = []
-        for image in images:
-            found: set[str] = set()
-            for d in self.detections(image):
-                if d["score"] >= self.threshold and d["class"] in self.labels:
-                    found |= {self.labels[d["class"]], d["class"]}
-            out.append(found)
-        return out
-
-
-class ShapesVerifier:
-    """The shapes-world attribute detector (``gie_guard.shapes.load_detector()``): labels are
-    attribute words such as ``circle`` or ``red``."""
-
-    def __init__(self, detector: Any = None) -> None:
-        if detector is None:
-            from .shapes import load_detector
-
-            detector = load_detector()
-        self.detector = detector
-
-    def __call__(self, images: Sequence[Image.Image]) -> list[set[str]]:
-        return [set(found) for found in self.detector(list(images))]
+            if self._detector is None:
+                self._detector = detectors.shared(self.name)
+        return self._detector(images)
 
 
 class StaticVerifier:
     """Test double: answers ``labels(i)`` for the i-th image of each call, or the same set
     for every image; counts its calls."""
 
-    def __init__(self, labels: set[str] | Callable[[int], set[str]] = frozenset()) -> None:
+    def __init__(self, labels: Any = frozenset()) -> None:
+        if isinstance(labels, str):
+            from .errors import ConfigurationError
+
+            raise ConfigurationError(f"StaticVerifier takes a set of labels, not the string {labels!r}")
         self._labels = labels
         self.calls = 0
 

@@ -3,6 +3,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the dedup embedding cache goes to a throwaway folder, not the user's ~/.cache
+import tempfile
+
+os.environ.setdefault("GIE_GUARD_CACHE_DIR", tempfile.mkdtemp(prefix="gie-guard-test-cache-"))
 
 import pathlib
 

@@ -19,7 +19,10 @@ concepts:
 BROKEN = "name: live\nconcepts:\n  - {id: beach, text: beach, scale: [oops\n"
 
 
-def test_reload_under_load(tmp_path):
+def test_reload_under_load(tmp_path, monkeypatch):
+    # Rename swaps are atomic, so a short settle interval is enough here; 50 swaps at the
+    # default 0.5 s would only make the test slower.
+    monkeypatch.setattr("gie_guard.policy.store.DEFAULT_SETTLE_S", 0.1)
     path = tmp_path / "policy.yaml"
     path.write_text(VALID.format(k=1))
     guard = Guard(policy=str(path), watch=True)

@@ -34,3 +34,46 @@ def test_exposition_for_an_existing_server():
     assert b"gie_guard_test_events_total 1.0" in body and content_type.startswith("text/plain")
     body, content_type = exposition(registry, accept="application/openmetrics-text; version=1.0.0")
     assert content_type.startswith("application/openmetrics-text") and body.rstrip().endswith(b"# EOF")
+
+
+def test_reap_dead_processes_drops_the_live_gauges_of_ended_processes(tmp_path):
+    """What gunicorn's child_exit hook does, for supervisors without one (uvicorn, Ray)."""
+    import os
+    import subprocess
+    import sys
+
+    from gie_guard.serving import reap_dead_processes
+
+    script = ("from prometheus_client import Gauge; import os; "
+              "Gauge('g', 'g', multiprocess_mode='livesum').set(1); print(os.getpid())")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    pid = int(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout)
+    (tmp_path / f"gauge_livesum_{os.getpid()}.db").write_bytes(b"")  # this process runs: kept
+    assert (tmp_path / f"gauge_livesum_{pid}.db").exists()
+    assert reap_dead_processes(str(tmp_path)) == [pid]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"gauge_livesum_{os.getpid()}.db"]
+    assert reap_dead_processes(str(tmp_path)) == []
+    assert reap_dead_processes(str(tmp_path / "missing")) == []
+
+
+def test_the_serve_config_in_the_docs_builds():
+    """docs/deployment.md's Serve config file, through the application builder it names."""
+    import importlib
+    import pathlib
+    import re
+
+    import yaml
+
+    pytest.importorskip("fastapi")
+    pytest.importorskip("ray.serve")
+    docs = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", docs, re.S) if "app_builder" in b)
+    application = yaml.safe_load(block)["applications"][0]
+    module, attr = application["import_path"].split(":")
+    app = getattr(importlib.import_module(module), attr)(application["args"])
+    deployment = app._bound_deployment  # Serve's Application keeps what it will deploy here
+    assert deployment.ray_actor_options["num_gpus"] == 1
+    assert "PROMETHEUS_MULTIPROC_DIR" in deployment.ray_actor_options["runtime_env"]["env_vars"]
+    spec = deployment.init_args[0]
+    assert spec["model"] == "/models/sd15" and spec["settings"]["max_batch_images"] == 8
+    assert deployment.max_ongoing_requests == 32

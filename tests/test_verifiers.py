@@ -8,17 +8,11 @@ import pytest
 from PIL import Image
 
 import gie_guard
-from gie_guard import Guard, GuardedCallError, PolicyError
+from gie_guard import ConfigurationError, ContentBlockedError, Guard, GuardedCallError, PolicyError
+from gie_guard.detectors.nudenet import NUDENET_LABELS, NudeNetDetector
+from gie_guard.detectors.shapes import ShapesDetector
 from gie_guard.policy import load_policy
-from gie_guard.verifiers import (
-    NUDENET_LABELS,
-    NudeNetVerifier,
-    ShapesVerifier,
-    StaticVerifier,
-    Verifier,
-    blur_image,
-    run_verifiers,
-)
+from gie_guard.verifiers import StaticVerifier, Verifier, blur_image, default_verifiers, run_verifiers
 
 
 def checkerboard(size=32, seed=0):
@@ -108,7 +102,7 @@ def test_nudenet_labels_map_exposed_classes_to_nudity():
                     {"class": "FACE_FEMALE", "score": 0.99, "box": [0, 0, 1, 1]},
                     {"class": "BUTTOCKS_EXPOSED", "score": 0.3, "box": [0, 0, 1, 1]}]
 
-    verifier = NudeNetVerifier(detector=FakeNudeNet())
+    verifier = NudeNetDetector(detector=FakeNudeNet())
     assert isinstance(verifier, Verifier)
     assert verifier([checkerboard()]) == [{"nudity", "FEMALE_BREAST_EXPOSED"}]
     assert set(NUDENET_LABELS.values()) == {"nudity"}
@@ -116,7 +110,7 @@ def test_nudenet_labels_map_exposed_classes_to_nudity():
 
 
 def test_real_nudenet_finds_nothing_in_a_plain_picture():
-    verifier = NudeNetVerifier()
+    verifier = default_verifiers()["nudenet"]
     plain = Image.new("RGB", (64, 64), (90, 140, 200))
     assert verifier([plain, checkerboard(64)]) == [set(), set()]
 
@@ -127,7 +121,7 @@ def test_shapes_verifier_sees_a_rendered_circle():
         pytest.skip(f"shapes-world detector weights not trained yet ({weights} is missing)")
     from gie_guard.shapes.world import Scene, Thing, render
 
-    verifier = ShapesVerifier()
+    verifier = ShapesDetector()
     rng = np.random.default_rng(0)
     circle = Image.fromarray(render(Scene((Thing("circle", "red", "plain"),)), rng))
     square = Image.fromarray(render(Scene((Thing("square", "blue", "plain"),)), rng))
@@ -143,7 +137,7 @@ def test_shapes_world_end_to_end_block_unless_erased():
     import torch
     from prometheus_client import CollectorRegistry
 
-    from gie_guard import ContentBlockedError
+    from gie_guard import GuardMetrics
     from gie_guard.shapes import load_pipeline
 
     pipe = load_pipeline()
@@ -152,7 +146,7 @@ def test_shapes_world_end_to_end_block_unless_erased():
         registry = CollectorRegistry()
         guard = Guard(policy={"name": "shapes", "concepts": [{"id": "circle", "text": "circle", "scale": scale,
                                                                 "verify": {"verifier": "shapes", "action": "block"}}]},
-                      registry=registry)
+                      metrics=GuardMetrics(registry), verifiers={"shapes": ShapesDetector()})  # the toy model's own detector
         try:
             guard(pipe, prompt="a red circle", num_inference_steps=10, generator=torch.Generator().manual_seed(0))
             outcomes[scale] = "ok"
@@ -162,3 +156,64 @@ def test_shapes_world_end_to_end_block_unless_erased():
         counted = {"policy": "shapes", "outcome": outcomes[scale]}
         assert registry.get_sample_value("gie_guard_generations_total", counted) == 1
     assert outcomes == {0.0: "blocked", 10.0: "ok"}
+
+
+@pytest.mark.parametrize(("answer", "words"), [
+    (lambda images: ["nudity" for _ in images], "a str for image 0"),  # read as {'n', 'u', ...}: blocked nothing
+    (lambda images: [["nudity"] for _ in images], "a list for image 0"),
+    (lambda images: tuple({"nudity"} for _ in images), "answered a tuple"),
+    (lambda images: [{1} for _ in images], "a int label (1) for image 0"),
+    (lambda images: {"nudity"}, "answered a set"),
+])
+def test_a_verifier_answer_of_the_wrong_type_fails_closed(answer, words):
+    with pytest.raises(GuardedCallError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        run_verifiers(policy("block", labels=["nudity"]), SimpleNamespace(images=[checkerboard()]), {"fake": answer})
+    # frozensets are fine
+    out, found = run_verifiers(policy("block", labels=["nudity"]), SimpleNamespace(images=[checkerboard()]),
+                               {"fake": lambda images: [frozenset({"nudity"}) for _ in images]})
+    assert found.action == "block"
+    with pytest.raises(ConfigurationError, match="not the string"):
+        StaticVerifier("nudity")
+
+
+def test_a_guarded_call_whose_verifier_answers_strings_is_withheld(sd_pipe):
+    """action block, and a verifier that answers a label string per image: the call fails
+    closed instead of returning the images (today's bug: nothing was blocked)."""
+    from prometheus_client import CollectorRegistry
+
+    from gie_guard import GuardMetrics
+
+    registry = CollectorRegistry()
+    metrics = GuardMetrics(registry)
+    guard = Guard(policy={"name": "p", "concepts": [{"id": "nudity", "text": "nude", "scale": 1.0,
+                                                       "verify": {"verifier": "words", "action": "block"}}]},
+                  metrics=metrics, verifiers={"words": lambda images: ["nudity" for _ in images]})
+    with pytest.raises(GuardedCallError, match="verifier 'words' answered a str for image 0"):
+        guard(sd_pipe, prompt="a portrait", num_inference_steps=1, output_type="np")
+    assert registry.get_sample_value("gie_guard_generations_total", {"policy": "p", "outcome": "error"}) == 1
+    assert registry.get_sample_value("gie_guard_generations_total", {"policy": "p", "outcome": "ok"}) == 0
+    # the same verifier answering sets blocks
+    guard = Guard(policy={"name": "q", "concepts": [{"id": "nudity", "text": "nude", "scale": 1.0,
+                                                       "verify": {"verifier": "words", "action": "block"}}]},
+                  metrics=metrics, verifiers={"words": lambda images: [{"nudity"} for _ in images]})
+    with pytest.raises(ContentBlockedError):
+        guard(sd_pipe, prompt="a portrait", num_inference_steps=1, output_type="np")
+
+
+def test_shapes_is_not_a_default_verifier_but_the_error_says_how_to_add_it():
+    assert set(default_verifiers()) == {"nudenet"}
+    with pytest.raises(PolicyError, match=r"unknown verifier 'shapes'.*gie_guard\.detectors\.create\('shapes'\)"):
+        Guard(policy={"name": "p", "concepts": [{"id": "circle", "text": "circle", "scale": 1.0,
+                                                  "verify": {"verifier": "shapes"}}]})
+
+
+def test_old_verifier_names_are_deprecated_aliases():
+    import gie_guard.verifiers as verifiers
+
+    with pytest.warns(DeprecationWarning, match="gie_guard.detectors.nudenet.NudeNetDetector"):
+        assert verifiers.NudeNetVerifier is NudeNetDetector
+    with pytest.warns(DeprecationWarning):
+        assert verifiers.ShapesVerifier is ShapesDetector
+    with pytest.warns(DeprecationWarning):
+        assert verifiers.NUDENET_LABELS is NUDENET_LABELS
+    assert verifiers.ContentBlockedError is ContentBlockedError and issubclass(ContentBlockedError, gie_guard.GuardError)

@@ -1,134 +1,17 @@
-"""``gie-guard adapter ...``: train and inspect scale adapters (registered by gie_guard.cli).
-
-    gie-guard adapter train --pipeline shapes --prompts prompts.txt --concept circle \\
-        --category object --scales 5,10,20,40 --judge shapes --out adapters/shapes-circle.safetensors
-    gie-guard adapter inspect FILE
-"""
+"""Moved: the ``gie-guard adapter`` command group is :mod:`gie_guard.cli.adapter`, and
+``--pipeline`` is loaded by :mod:`gie_guard.cli.pipelines`. These names stay for old imports."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
 from typing import Any
 
-from ..errors import GuardError
+from ..cli.adapter import register as add_adapter_commands
 
 __all__ = ["add_adapter_commands", "load_pipeline_spec"]
 
 
-def add_adapter_commands(commands: argparse._SubParsersAction) -> None:
-    adapter = commands.add_parser("adapter", help="train and inspect scale adapters (scale: auto)")
-    sub = adapter.add_subparsers(dest="adapter_command", metavar="SUBCOMMAND", required=True)
-
-    train = sub.add_parser("train", help="label prompts with a judge at a grid of scales and fit an adapter")
-    train.add_argument("--pipeline", required=True,
-                       help="'shapes' (the shapes-world model), 'tiny' (random test pipeline), a local diffusers "
-                            "folder, or module:function returning a pipeline")
-    train.add_argument("--prompts", required=True, metavar="FILE", help="prompt list, one per line ('#' comments)")
-    train.add_argument("--concept", required=True, help="the concept text to erase")
-    train.add_argument("--category", default="object", help="category the adapter serves (default: object)")
-    train.add_argument("--scales", required=True, help="scale grid, comma-separated (e.g. 5,10,20,40)")
-    train.add_argument("--judge", required=True, help="'shapes', 'nudenet' or module:attr")
-    train.add_argument("--preservation", default=None,
-                       help="'shapes', 'pixel' or module:attr (default: the judge's own, else pixel)")
-    train.add_argument("--preserve-bound", type=float, default=0.75, help="minimum preservation score (default 0.75)")
-    train.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
-    train.add_argument("--report", default=None, help="training report (JSON; default: next to --out)")
-    train.add_argument("--name", default=None, help="adapter name (default: the concept)")
-    train.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    train.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default 5)")
-    train.add_argument("--window", default="0,1", help="inhibited fraction of the steps, start,end (default 0,1)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
-    train.add_argument("--epochs", type=int, default=2000, help="training epochs (default 2000)")
-    train.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (default 16)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.set_defaults(handler=_train)
-
-    inspect = sub.add_parser("inspect", help="print an adapter file's metadata")
-    inspect.add_argument("file")
-    inspect.set_defaults(handler=_inspect)
-
-
 def load_pipeline_spec(spec: str) -> Any:
-    if spec == "shapes":
-        from ..shapes import load_pipeline
+    """The pipeline ``--pipeline spec`` names (:func:`gie_guard.cli.pipelines.load_pipeline`)."""
+    from ..cli.pipelines import load_pipeline
 
-        return load_pipeline()
-    if spec == "tiny":
-        from ..testing import tiny_sd_pipeline
-
-        return tiny_sd_pipeline()
-    if Path(spec).is_dir():
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(spec, local_files_only=True, use_safetensors=True)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-    from .judges import _import
-
-    return _import(spec)()
-
-
-def _read_prompts(path: str) -> list[str]:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-
-
-def _train(args: argparse.Namespace) -> int:
-    from .judges import load_judge, preservation_for
-    from .training import TrainingConfig, train_adapter
-
-    try:
-        scales = tuple(float(s) for s in args.scales.split(","))
-        window = tuple(float(s) for s in args.window.split(","))
-    except ValueError:
-        print("--scales and --window take comma-separated numbers", file=sys.stderr)
-        return 2
-    if len(window) != 2:
-        print("--window takes two numbers: start,end", file=sys.stderr)
-        return 2
-    try:
-        prompts = _read_prompts(args.prompts)
-        config = TrainingConfig(
-            concept=args.concept, category=args.category, scales=scales, name=args.name, steps=args.steps,
-            guidance_scale=args.guidance, window=window, preserve_bound=args.preserve_bound, seed=args.seed,
-            epochs=args.epochs, batch_size=args.batch_size,
-        )
-        judge = load_judge(args.judge)
-        preservation = preservation_for(judge, args.preservation)
-        pipe = load_pipeline_spec(args.pipeline)
-        report_path = args.report or str(Path(args.out).with_suffix(".json"))
-        adapter, report = train_adapter(
-            pipe, prompts, config, judge, preservation, out=args.out, report_path=report_path,
-            progress=not args.no_progress, judge_name=args.judge,
-        )
-    except (GuardError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    s = report["summary"]
-    print(f"wrote {adapter.path} ({adapter.label}) and {report_path}")
-    print(f"  {s['prompts']} prompts, labels by rule {s['label_rules']}, per scale {s['label_counts']}")
-    if s["validation"]:
-        v = s["validation"]
-        print(f"  held-out MAE {v['mae']:.2f} (constant mean label: {v['mae_of_constant_mean_label']:.2f})")
-    print(f"  labelling {s['labelling_seconds']} s, fitting {s['fitting_seconds']} s")
-    return 0
-
-
-def _inspect(args: argparse.Namespace) -> int:
-    from .format import read_header
-
-    try:
-        header = read_header(args.file)
-    except GuardError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    meta = dict(header.meta)
-    fp = meta.pop("fingerprint")
-    print(f"{header.path}: adapter {header.name!r}, format {meta.pop('format_version')}")
-    print(f"  fingerprint {header.fingerprint.digest[:12]}: {fp['layer_count']} cross-attention layers, "
-          f"text width {sorted(set(fp['cross_attention_dims']))}")
-    print(json.dumps(meta, indent=1))
-    return 0
+    return load_pipeline(spec).pipe

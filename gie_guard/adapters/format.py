@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from ..errors import AdapterError
+from ..limits import MAX_ADAPTER_BYTES
+from ..policy.files import FileProblem, open_regular
 from .model import Fingerprint, MLPAdapter, ScaleMLP
 
 __all__ = ["FORMAT_VERSION", "METADATA_KEY", "AdapterHeader", "load_adapter", "read_header", "save_adapter"]
@@ -30,6 +32,10 @@ FORMAT_VERSION = 1
 METADATA_KEY = "gie_guard.adapter"
 SUFFIX = ".safetensors"
 _MAX_HEADER = 16 * 1024 * 1024
+# Anything a malformed file can make the metadata parsers raise (deep nesting, numbers
+# too large to convert, wrong types): every one becomes an AdapterError.
+_PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, OverflowError,
+                 ArithmeticError, UnicodeError)
 
 
 def _shapes(n: int) -> dict[str, tuple[int, ...]]:
@@ -65,15 +71,30 @@ def save_adapter(adapter: MLPAdapter, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _sniff(path: Path) -> None:
-    """Refuse anything that is not a safetensors file before any parser sees it."""
+def _read(path: Path, *, whole: bool) -> bytes:
+    """The file's bytes (or only its 8-byte length and JSON header, ``whole=False``), read
+    through ``open_regular``: a FIFO, device or directory is refused before it is opened,
+    and the file is opened once, so what is checked is what is parsed."""
     name = str(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path, limit=MAX_ADAPTER_BYTES) as (f, size):
             head = f.read(9)
+            _sniff(head, size, name)
+            n = int.from_bytes(head[:8], "little")
+            rest = f.read((size if whole else 8 + n) - len(head))
+            raw = head + rest
+    except FileProblem as exc:
+        raise AdapterError(exc.problem if exc.kind != "too-big" else
+                           f"{exc.problem} (MAX_ADAPTER_BYTES)", file=name) from None
     except OSError as exc:
         raise AdapterError(f"cannot read adapter file ({exc.strerror or exc})", file=name) from None
+    if len(raw) < 8 + n:
+        raise AdapterError("not a safetensors file (truncated header)", file=name)
+    return raw
+
+
+def _sniff(head: bytes, size: int, name: str) -> None:
+    """Refuse anything that is not a safetensors file before any parser sees it."""
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise AdapterError(
             "this is a pickled PyTorch file (what torch.save writes: .pt/.pth/.bin); gie_guard never unpickles "
@@ -87,14 +108,50 @@ def _sniff(path: Path) -> None:
         raise AdapterError("not a safetensors file (bad header); adapters are .safetensors files", file=name)
 
 
+def _metadata(raw: bytes, name: str) -> dict[str, Any]:
+    """The adapter metadata object from a safetensors header (``raw``: length + header)."""
+    n = int.from_bytes(raw[:8], "little")
+    try:
+        header = json.loads(raw[8:8 + n].decode("utf-8"))
+    except _PARSE_ERRORS as exc:
+        raise AdapterError(f"not a safetensors file (unreadable JSON header: {type(exc).__name__})", file=name) from None
+    if not isinstance(header, dict):
+        raise AdapterError("not a safetensors file (the header is not a JSON object)", file=name)
+    meta = header.get("__metadata__")
+    if meta is not None and not isinstance(meta, dict):
+        raise AdapterError("not a safetensors file (__metadata__ is not a JSON object)", file=name)
+    entry = (meta or {}).get(METADATA_KEY)
+    if entry is None:
+        raise AdapterError(f"safetensors file without gie_guard adapter metadata ({METADATA_KEY!r})", file=name)
+    if not isinstance(entry, str):
+        raise AdapterError("adapter metadata must be a JSON string in the safetensors metadata", file=name)
+    try:
+        parsed = json.loads(entry)
+    except _PARSE_ERRORS as exc:
+        # RecursionError for deeply nested JSON, ValueError for huge numbers or bad syntax
+        what = "nested too deeply" if isinstance(exc, RecursionError) else type(exc).__name__
+        raise AdapterError(f"adapter metadata is not valid JSON ({what})", file=name) from None
+    if not isinstance(parsed, dict):
+        raise AdapterError("adapter metadata is not a JSON object", file=name)
+    return parsed
+
+
 class AdapterHeader:
     """An adapter file's metadata, read without loading its tensors (for selection)."""
 
     def __init__(self, path: Path, meta: dict[str, Any]) -> None:
         self.path = path
         self.meta = meta
-        self.name = str(meta.get("name") or path.stem)
-        self.fingerprint = Fingerprint.from_dict(meta.get("fingerprint"), file=str(path))
+        name = meta.get("name")
+        if name is not None and not isinstance(name, str):
+            raise AdapterError("metadata 'name' must be a string", file=str(path))
+        self.name = name or path.stem
+        try:
+            self.fingerprint = Fingerprint.from_dict(meta.get("fingerprint"), file=str(path))
+        except AdapterError:
+            raise
+        except _PARSE_ERRORS as exc:
+            raise AdapterError(f"malformed fingerprint in metadata ({type(exc).__name__})", file=str(path)) from None
         for key in ("categories", "concepts"):
             value = meta.get(key, [])
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -107,28 +164,19 @@ class AdapterHeader:
 
 
 def read_header(path: str | os.PathLike[str]) -> AdapterHeader:
-    """Read and check an adapter's metadata (format version, fingerprint)."""
-    from safetensors import safe_open
-
+    """Read and check an adapter's metadata (format version, fingerprint), reading only the
+    file's header."""
     path = Path(path)
-    _sniff(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise AdapterError(f"not a readable safetensors file ({type(exc).__name__}: {exc})", file=str(path)) from None
-    if raw is None:
-        raise AdapterError(f"safetensors file without gie_guard adapter metadata ({METADATA_KEY!r})", file=str(path))
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"adapter metadata is not valid JSON ({exc})", file=str(path)) from None
-    if not isinstance(meta, dict):
-        raise AdapterError("adapter metadata is not a JSON object", file=str(path))
+    return _header(path, _read(path, whole=False))
+
+
+def _header(path: Path, raw: bytes) -> AdapterHeader:
+    meta = _metadata(raw, str(path))
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        shown = version if isinstance(version, int) and not isinstance(version, bool) and abs(version) < 10**6 else "?"
         raise AdapterError(
-            f"adapter format version {version!r} is not supported; this gie_guard reads version {FORMAT_VERSION}",
+            f"adapter format version {shown} is not supported; this gie_guard reads version {FORMAT_VERSION}",
             file=str(path),
         )
     return AdapterHeader(path, meta)
@@ -137,9 +185,12 @@ def read_header(path: str | os.PathLike[str]) -> AdapterHeader:
 def load_adapter(path: str | os.PathLike[str], *, pipeline: Any = None, fingerprint: Fingerprint | None = None) -> MLPAdapter:
     """Load an adapter file. With ``pipeline`` (or ``fingerprint``), a fingerprint mismatch is
     an :class:`~gie_guard.errors.AdapterError` naming what differs."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_tensors
 
-    header = read_header(path)
+    path = Path(path)
+    raw = _read(path, whole=True)  # one read: the tensors parsed are those of the header checked
+    header = _header(path, raw)
     file = str(header.path)
     expected = fingerprint if fingerprint is not None else (Fingerprint.of_pipeline(pipeline) if pipeline is not None else None)
     if expected is not None:
@@ -147,13 +198,16 @@ def load_adapter(path: str | os.PathLike[str], *, pipeline: Any = None, fingerpr
         if why:
             raise AdapterError(f"adapter {header.name!r} was trained for another model: {why}", file=file)
     n = header.fingerprint.layer_count
-    with safe_open(file, framework="pt") as f:
-        keys = set(f.keys())
-        want = _shapes(n)
-        if keys != set(want):
-            missing, extra = sorted(set(want) - keys), sorted(keys - set(want))
-            raise AdapterError(f"unexpected tensors (missing {missing}, unexpected {extra})", file=file)
-        tensors = {k: f.get_tensor(k) for k in want}
+    try:
+        loaded = load_tensors(raw)
+    except (SafetensorError, *_PARSE_ERRORS) as exc:
+        raise AdapterError(f"not a readable safetensors file ({type(exc).__name__})", file=file) from None
+    keys = set(loaded)
+    want = _shapes(n)
+    if keys != set(want):
+        missing, extra = sorted(set(want) - keys), sorted(keys - set(want))
+        raise AdapterError(f"unexpected tensors (missing {missing}, unexpected {extra})", file=file)
+    tensors = {k: loaded[k] for k in want}
     for key, shape in want.items():
         t = tensors[key]
         if tuple(t.shape) != shape:
@@ -170,7 +224,7 @@ def load_adapter(path: str | os.PathLike[str], *, pipeline: Any = None, fingerpr
     meta = header.meta
     try:
         lo, hi = (float(x) for x in meta["scale_range"])
-    except (KeyError, TypeError, ValueError):
+    except _PARSE_ERRORS:
         raise AdapterError("metadata needs scale_range [lo, hi]", file=file) from None
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise AdapterError("scale_range must be finite", file=file)
@@ -183,6 +237,14 @@ def load_adapter(path: str | os.PathLike[str], *, pipeline: Any = None, fingerpr
         feature_mean=tensors["feature_mean"].float(),
         feature_std=tensors["feature_std"].float(),
         concepts=header.concepts,
-        training=dict(meta.get("training") or {}),
+        training=_training(meta.get("training"), file),
         path=file,
     )
+
+
+def _training(value: Any, file: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise AdapterError("metadata 'training' must be a JSON object", file=file)
+    return dict(value)

@@ -11,6 +11,7 @@ No candidate: the policy's ``on_missing_adapter`` decides (fallback scale, or an
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -109,10 +110,15 @@ class AdapterLibrary:
                     entries.append(_Entry(order, None, place))
                     continue
                 path = Path(place)
-                if path.is_dir():
+                try:
+                    mode: int | None = os.stat(path).st_mode
+                except (OSError, ValueError):
+                    mode = None
+                if mode is not None and stat.S_ISDIR(mode):
+                    # read_header refuses a FIFO or device named *.safetensors before opening it
                     for file in sorted(path.glob(f"*{SUFFIX}")):
                         entries.append(_Entry(order, read_header(file), None))
-                elif path.is_file():
+                elif mode is not None:
                     entries.append(_Entry(order, read_header(path), None))
                 elif not shipped:
                     raise AdapterError("no such adapter file or folder", file=str(path))

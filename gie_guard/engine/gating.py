@@ -3,9 +3,9 @@
 The engine measures each concept's map at the first denoising step for every image (the
 share of each position's attention on the concept's own tokens, averaged over heads and
 positions, per attention site). The concept's *presence* in image ``i`` is the mean of that
-share over the sites. With ``mode="gate"`` the concept's scales in image ``i`` are kept when
-its presence reaches the concept's threshold and set to 0 otherwise; with ``mode="scale"``
-they are multiplied by ``min(1, presence / threshold)``.
+share over the sites. With mode ``gate`` the concept's scales in image ``i`` are kept when
+its presence reaches the concept's threshold and set to 0 otherwise; with mode ``scale``
+they are multiplied by ``min(1, presence / threshold)``. Each concept has its own mode.
 
 The measurement must see step 0 unsuppressed: ``probe=True`` runs one extra denoiser pass on
 the prompt rows before step 0 (cost: about one step at the prompt rows' batch); ``probe=False``
@@ -45,10 +45,11 @@ class PresenceGate:
 
     plan: Plan
     thresholds: Sequence[float | None]  # per plan concept; None: not gated
-    mode: Literal["gate", "scale"] = "gate"
+    mode: Literal["gate", "scale"] | Sequence[Literal["gate", "scale"]] = "gate"  # one for all, or per concept
     probe: bool = True
     base: Any = None
     measured_presence: torch.Tensor | None = field(default=None, init=False)  # (rows, C), for the report
+    factor: torch.Tensor | None = field(default=None, init=False)  # (rows, C): 1 inhibit ... 0 spare
     _done: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -56,6 +57,10 @@ class PresenceGate:
             self.probe = self.probe or bool(self.base.probe)
         self._gated = torch.tensor([t is not None for t in self.thresholds])
         self._threshold = torch.tensor([t if t is not None else 0.0 for t in self.thresholds], dtype=torch.float32)
+        modes = [self.mode] * len(self.thresholds) if isinstance(self.mode, str) else list(self.mode)
+        if len(modes) != len(self.thresholds) or not set(modes) <= {"gate", "scale"}:
+            raise ValueError(f"mode must be gate or scale, one or one per concept; got {self.mode!r}")
+        self._scaled = torch.tensor([m == "scale" for m in modes])
         assert self.plan.token_scales is not None
         self._current = self.plan.token_scales.clone()
 
@@ -76,11 +81,11 @@ class PresenceGate:
             return held
         present = presence(measured, self.plan)  # (rows, C)
         self.measured_presence = present
-        if self.mode == "gate":
-            factor = (present >= self._threshold).float()
-        else:
-            factor = (present / self._threshold.clamp_min(1e-12)).clamp(max=1.0)
+        gate = (present >= self._threshold).float()
+        scale = (present / self._threshold.clamp_min(1e-12)).clamp(max=1.0)
+        factor = torch.where(self._scaled, scale, gate)
         self._factor = torch.where(self._gated, factor, torch.ones_like(factor))  # (rows, C)
+        self.factor = self._factor
         self._done = True
         return self._gate_again()
 

@@ -23,6 +23,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from ..limits import MAX_SCALE
+
 __all__ = [
     "DEFAULT_DEDUP_THRESHOLD",
     "DEFAULT_INHIBIT_STEPS",
@@ -30,6 +32,8 @@ __all__ = [
     "Category",
     "Concept",
     "Policy",
+    "Presence",
+    "PreserveBy",
     "ScaleSpec",
     "Verify",
 ]
@@ -46,7 +50,9 @@ Category = Literal["nsfw", "style", "object", "custom"]
 _ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 Identifier = Annotated[str, Strict(), StringConstraints(pattern=_ID_PATTERN)]
 Text = Annotated[str, Strict(), StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
-Number = Annotated[float, Strict(), Field(ge=0.0, allow_inf_nan=False)]
+# Scales (fixed, and auto min/max/fallback) are bounded: beyond MAX_SCALE the inhibitor
+# swamps the layer output and half-precision activations overflow (gie_guard/limits.py).
+Number = Annotated[float, Strict(), Field(ge=0.0, le=MAX_SCALE, allow_inf_nan=False)]
 Fraction = Annotated[float, Strict(), Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 
@@ -71,7 +77,7 @@ class AutoScale(_Frozen):
     def _ordered(self) -> AutoScale:
         written = self.model_fields_set
         if {"min", "max"} <= written and self.min > self.max:
-            raise PydanticCustomError("scale_range", "min ({lo}) is above max ({hi})", {"lo": self.min, "hi": self.max})
+            raise PydanticCustomError("scale_range", "min is above max")
         return self
 
     def within(self, defaults: AutoScale) -> AutoScale:
@@ -121,8 +127,33 @@ class Verify(_Frozen):
     action: Literal["record", "blur", "block"] = "record"
 
 
+# How preservation anchors spare a concept's neighbours (gie_guard/engine/plan.py, docs/precision.md):
+# "compete" (anchors compete with the concept for pixels), "project" (inhibitor values lose their
+# component along the anchors' values), "both".
+PreserveBy = Literal["compete", "project", "both"]
+
+
+class Presence(_Frozen):
+    """Presence gating (docs/precision.md): from the first step's attention, decide per image
+    whether the concept is there. ``mode``: ``off``; ``gate`` (inhibit only in images whose
+    presence reaches ``threshold``); ``scale`` (scale by ``min(1, presence / threshold)``).
+    The threshold is a share of attention and depends on the model: measure it
+    (``benchmarks/erasure.py --gate``); there is no default."""
+
+    mode: Literal["off", "gate", "scale"]
+    threshold: Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
+
+    @model_validator(mode="after")
+    def _threshold_given(self) -> Presence:
+        if self.mode != "off" and self.threshold is None:
+            raise PydanticCustomError("presence_threshold", "mode {mode} needs a threshold (a share of attention in (0, 1]; "
+                                      "measure it on your model)", {"mode": self.mode})
+        return self
+
+
 class Concept(_Frozen):
-    """One concept to inhibit. ``aliases`` are extra texts inhibited as concepts of their own."""
+    """One concept to inhibit. ``aliases`` are extra texts inhibited as concepts of their own;
+    ``preserve`` are neighbours its inhibition must spare (preservation anchors)."""
 
     id: Identifier
     text: Text
@@ -131,10 +162,23 @@ class Concept(_Frozen):
     scale: ScaleSpec = "auto"
     enabled: Annotated[bool, Strict()] = True
     verify: Verify | None = None  # optional check of the output after generation
+    preserve: tuple[Text, ...] = ()
+    presence: Presence | None = None  # None: the policy's
 
-    @property
-    def is_auto(self) -> bool:
-        return not isinstance(self.scale, float)
+    @model_validator(mode="after")
+    def _anchors_differ(self) -> Concept:
+        own = {_folded(self.text)} | {_folded(a) for a in self.aliases}
+        for i, anchor in enumerate(self.preserve):
+            if _folded(anchor) in own:
+                raise PydanticCustomError(
+                    "anchor_is_concept", "this preservation anchor is the concept itself (its text or an alias, "
+                    "ignoring case and spacing): it would cancel the concept's own inhibitor", {"path": ("preserve", i)},
+                )
+        return self
+
+
+def _folded(text: str) -> str:
+    return " ".join(text.lower().split())
 
 
 class Policy(_Frozen):
@@ -149,6 +193,9 @@ class Policy(_Frozen):
     dedup_threshold: Annotated[float, Strict(), Field(ge=0.0, le=2.0, allow_inf_nan=False)] = DEFAULT_DEDUP_THRESHOLD
     on_missing_adapter: Literal["fallback", "error"] = "fallback"
     auto_scale: AutoScale = AutoScale()
+    preserve: tuple[Text, ...] = ()  # anchors every concept spares
+    preserve_by: PreserveBy = "compete"
+    presence: Presence = Presence(mode="off")  # each concept's default
     concepts: tuple[Concept, ...] = ()
 
     @field_validator("version", mode="before")
@@ -163,8 +210,7 @@ class Policy(_Frozen):
         start, end = value
         if not start < end:
             raise PydanticCustomError(
-                "step_window", "start ({start}) must be below end ({end}); both are fractions of the denoising steps",
-                {"start": start, "end": end},
+                "step_window", "start must be below end; both are fractions of the denoising steps",
             )
         return value
 
@@ -174,21 +220,30 @@ class Policy(_Frozen):
         for i, concept in enumerate(self.concepts):
             if concept.id in first_seen:
                 raise PydanticCustomError(
-                    "duplicate_id", "duplicate concept id {id} (first used by concepts[{first}])",
-                    {"id": repr(concept.id), "first": first_seen[concept.id], "path": ("concepts", i, "id")},
+                    "duplicate_id", "duplicate concept id (first used by concepts[{first}])",
+                    {"first": first_seen[concept.id], "path": ("concepts", i, "id")},
                 )
             first_seen[concept.id] = i
             auto = self.resolved_auto(concept)
             if auto is not None and not auto.min <= auto.fallback <= auto.max:
                 raise PydanticCustomError(
-                    "scale_range", "auto scale needs min <= fallback <= max (got min {lo}, fallback {fb}, max {hi})",
-                    {"lo": auto.min, "fb": auto.fallback, "hi": auto.max, "path": ("concepts", i, "scale")},
+                    "scale_range", "auto scale needs min <= fallback <= max (with the policy's auto_scale filled in)",
+                    {"path": ("concepts", i, "scale")},
+                )
+        erased = {_folded(t): i for i, c in enumerate(self.concepts) if c.enabled for t in (c.text, *c.aliases)}
+        anchors = [(a, ("preserve", i)) for i, a in enumerate(self.preserve)]
+        anchors += [(a, ("concepts", ci, "preserve", i)) for ci, c in enumerate(self.concepts) for i, a in enumerate(c.preserve)]
+        for anchor, path in anchors:
+            if _folded(anchor) in erased:
+                raise PydanticCustomError(
+                    "anchor_is_concept", "this preservation anchor is erased by concepts[{index}] (same text, ignoring "
+                    "case and spacing): a text cannot be both erased and preserved",
+                    {"index": erased[_folded(anchor)], "path": path},
                 )
         own = self.auto_scale
         if not own.min <= own.fallback <= own.max:
             raise PydanticCustomError(
-                "scale_range", "needs min <= fallback <= max (got min {lo}, fallback {fb}, max {hi})",
-                {"lo": own.min, "fb": own.fallback, "hi": own.max, "path": ("auto_scale",)},
+                "scale_range", "needs min <= fallback <= max", {"path": ("auto_scale",)},
             )
         return self
 

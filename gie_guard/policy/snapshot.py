@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from .schema import AutoScale, Policy
+from .schema import AutoScale, Policy, Presence
 
 __all__ = ["EffectiveConcept", "Merge", "PolicySnapshot", "content_hash", "expand_concepts"]
 
@@ -35,6 +35,8 @@ class EffectiveConcept:
     origin: str
     scale_source: Literal["policy", "auto"]
     declared_at: str | None = None
+    anchors: tuple[str, ...] = ()
+    presence: Presence = Presence(mode="off")
 
     @property
     def nominal_scale(self) -> float:
@@ -101,14 +103,24 @@ def expand_concepts(policy: Policy, declared_at: dict[str, str] | None = None) -
             continue
         auto = policy.resolved_auto(concept)
         scale = None if auto is not None else float(concept.scale)  # type: ignore[arg-type]
+        anchors = _unique((*concept.preserve, *policy.preserve))
+        presence = concept.presence or policy.presence
         texts = [(concept.id, concept.text)] + [(f"{concept.id}/{n}", a) for n, a in enumerate(concept.aliases, 1)]
         for concept_id, text in texts:
             out.append(EffectiveConcept(
                 id=concept_id, text=text, category=concept.category, scale=scale, auto=auto,
                 origin=concept.id, scale_source="auto" if auto is not None else "policy",
-                declared_at=(declared_at or {}).get(concept.id),
+                declared_at=(declared_at or {}).get(concept.id), anchors=anchors, presence=presence,
             ))
     return tuple(out)
+
+
+def _unique(texts: Iterable[str]) -> tuple[str, ...]:
+    """Texts in order, dropping repeats that differ only in case and spacing."""
+    seen: dict[str, str] = {}
+    for text in texts:
+        seen.setdefault(" ".join(text.lower().split()), text)
+    return tuple(seen.values())
 
 
 def content_hash(policy: Policy, concepts: Iterable[EffectiveConcept]) -> str:
@@ -121,10 +133,12 @@ def content_hash(policy: Policy, concepts: Iterable[EffectiveConcept]) -> str:
         "inhibit_steps": list(policy.inhibit_steps),
         "dedup_threshold": policy.dedup_threshold,
         "on_missing_adapter": policy.on_missing_adapter,
+        "preserve_by": policy.preserve_by,
         "concepts": [
             {
                 "id": c.id, "text": c.text, "category": c.category, "scale": c.scale, "origin": c.origin,
                 "auto": None if c.auto is None else {"fallback": c.auto.fallback, "min": c.auto.min, "max": c.auto.max},
+                "anchors": list(c.anchors), "presence": c.presence.model_dump(),
             }
             for c in concepts
         ],

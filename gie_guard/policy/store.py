@@ -5,22 +5,29 @@ Reloading follows the usual runtime-config rules: read, validate, hash, deduplic
 at start-up raises; a broken file on reload is logged and counted and the last good
 snapshot stays live. Changes are detected by content hash, never by mtime, because
 editors and Kubernetes replace files by rename.
+
+The watcher keeps watching the policy file and every file it ever included, whatever the
+last read found (a missing file, a directory in its place, an unreadable file), so it
+always recovers once a valid policy is back. It swaps only content that stayed the same
+for ``settle`` seconds, so a file caught half-written is not put live.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from ..errors import PolicyError
+from ..limits import MAX_CONCEPTS
 from .dedup import Embedder, deduplicate
-from .loader import FlatPolicy, PolicySource, read_policy
+from .embedcache import CacheDir
+from .files import file_fingerprint
+from .loader import FlatPolicy, PolicySource, Roots, read_policy
 from .snapshot import PolicySnapshot, content_hash, expand_concepts
 from .yamlio import MAX_POLICY_BYTES
 
@@ -28,28 +35,67 @@ __all__ = ["PolicyStore", "ReloadEvent", "ReloadState", "load_policy"]
 
 log = logging.getLogger("gie_guard.policy")
 
-# When watchfiles reports nothing for this many poll intervals, look anyway: a network file
-# system or an overflowing inotify queue can drop events.
+# When watchfiles reports nothing for this many poll intervals (at most _MAX_QUIET_S),
+# look anyway: a network file system or an overflowing inotify queue can drop events, and a
+# watch can miss what happened while it was being re-armed.
 _SAFETY_POLLS = 10
+_MAX_QUIET_S = 1.0
 _DEBOUNCE_MS = 100
+# Content must be unchanged for this long before it is swapped in: a writer that writes a
+# file in several chunks (or truncates, then writes) is not caught half-way.
+DEFAULT_SETTLE_S = 0.5
+# After watchfiles fails (e.g. its folder vanished mid-watch), poll this long, then watch again.
+_RETRY_WATCH_S = 5.0
+# Files remembered for watching (the policy and every file it ever included).
+_MAX_WATCHED = 1024
+
+Validator = Callable[[PolicySnapshot], Any]
 
 
-def load_policy(source: PolicySource, *, embedder: Embedder | None = None) -> PolicySnapshot:
+def load_policy(
+    source: PolicySource,
+    *,
+    embedder: Embedder | None = None,
+    roots: Roots | None = None,
+    cache_dir: CacheDir = None,
+) -> PolicySnapshot:
     """Load a shipped policy name, a ``.yaml`` path, a ``Policy`` or a dict into a snapshot.
 
+    ``roots``: extra folders path includes may resolve into (see ``read_policy``).
+    ``cache_dir``: the embedding cache folder; None for the default, False for none.
     Raises ``PolicyError`` (``PolicyNotFoundError`` for unknown names and missing files).
     """
-    return _compile(read_policy(source), embedder)
+    return _compile(read_policy(source, roots=roots), embedder, cache_dir=cache_dir)
 
 
-def _compile(flat: FlatPolicy, embedder: Embedder | None, digest: str | None = None) -> PolicySnapshot:
+def _compile(flat: FlatPolicy, embedder: Embedder | None, digest: str | None = None, *,
+             cache_dir: CacheDir = None) -> PolicySnapshot:
     candidates = expand_concepts(flat.policy, flat.declared_at)
-    kept, merges = deduplicate(candidates, threshold=flat.policy.dedup_threshold, embedder=embedder)
+    try:
+        kept, merges = deduplicate(candidates, threshold=flat.policy.dedup_threshold, embedder=embedder,
+                                   cache_dir=cache_dir)
+    except PolicyError as exc:
+        if exc.file is not None:
+            raise
+        raise PolicyError(exc.problem, file=flat.source, place="concepts") from exc.__cause__
+    if len(kept) > MAX_CONCEPTS:
+        raise PolicyError(
+            f"{len(kept):,} concepts after deduplication ({len(candidates):,} texts before); a policy may apply at "
+            f"most {MAX_CONCEPTS:,} (MAX_CONCEPTS)", file=flat.source, place="concepts",
+        )
     return PolicySnapshot(
         policy=flat.policy, concepts=kept, merges=merges,
         content_hash=digest or content_hash(flat.policy, candidates),
         source=flat.source, loaded_at=time.time(), files=flat.files,
     )
+
+
+class _Rejected(Exception):
+    """The validator refused a candidate snapshot."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -81,10 +127,17 @@ Listener = Callable[[ReloadEvent], None]
 class PolicyStore:
     """A live policy. Read ``store.current`` once per generation.
 
-    With ``watch=True`` a daemon thread watches the folders of the policy file and of its
-    included files (folders, so rename-swaps are seen) and reloads when their content
-    changes; if watchfiles cannot run it polls every ``poll_interval`` seconds instead.
-    ``watch="poll"`` polls from the start (for file systems without change events, e.g. NFS).
+    ``watch=True`` watches, in a daemon thread, the folders of the policy file and of every
+    file it ever included (folders, so rename and symlink swaps are seen) and reloads when
+    their content changes; ``watch="poll"`` polls every ``poll_interval`` seconds instead
+    (file systems without change events, e.g. NFS). Either way the watcher only swaps
+    content that stayed unchanged for ``settle`` seconds (default ``DEFAULT_SETTLE_S``, 0.5).
+
+    ``roots``: extra folders includes may resolve into (besides the policy's own folder).
+    ``validate``: called with every candidate snapshot (at construction and before every
+    swap); if it raises, construction raises that error and a reload fails (counted, the
+    last good snapshot stays live). ``cache_dir``: the embedding cache (None: default
+    folder, False: off).
     """
 
     def __init__(
@@ -94,29 +147,57 @@ class PolicyStore:
         watch: bool | Literal["poll"] = False,
         embedder: Embedder | None = None,
         poll_interval: float = 0.5,
+        roots: Roots | None = None,
+        validate: Validator | None = None,
+        settle: float | None = None,
+        cache_dir: CacheDir = None,
     ) -> None:
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
+        settle = DEFAULT_SETTLE_S if settle is None else settle
+        if settle < 0:
+            raise ValueError("settle must be >= 0 seconds")
+        if watch not in (None, False, True, "poll"):
+            raise ValueError(f"watch must be True, False or 'poll', not {watch!r}")
+        if watch and not isinstance(source, (str, os.PathLike)):
+            raise ValueError("watch=True needs a policy file to watch, not a dict or Policy object")
+        if validate is not None and not callable(validate):
+            raise ValueError("validate must be callable (it receives the candidate PolicySnapshot)")
         self._source = source
         self._embedder = embedder
         self._poll_interval = poll_interval
+        self._roots = _as_roots(roots)
+        self._validate = validate
+        self._settle = settle
+        self._cache_dir = cache_dir
         self._listeners: list[Listener] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watched: dict[str, None] = {}  # ordered set of absolute paths
         seen: list[str] = []
-        self._current = _compile(read_policy(source, files=seen), embedder)
-        self._fingerprint = _fingerprint(seen)
+        digests: dict[str, str] = {}
+        flat = read_policy(source, files=seen, roots=self._roots, digests=digests)
+        self._current = _compile(flat, embedder, cache_dir=cache_dir)
+        if validate is not None:
+            validate(self._current)  # at start-up the validator's own error is the clearest
+        self._remember(seen)
+        self._fingerprint = self._fingerprints(digests)
         self._state = ReloadState(ok_count=1, last_success_at=self._current.loaded_at,
                                   last_attempt_at=self._current.loaded_at, last_result="success")
         log.info("policy %r loaded from %s: %d concepts, %d merged", self._current.name, self._current.source,
                  len(self._current.concepts), len(self._current.merges))
         if watch:
-            if not self._current.files:
-                raise ValueError("watch=True needs a policy file to watch, not a dict or Policy object")
-            target = self._poll if watch == "poll" else self._watch
-            self._thread = threading.Thread(target=target, name="gie-guard-policy-watch", daemon=True)
-            self._thread.start()
+            # Last: nothing is started before construction can no longer fail.
+            if watch is True:
+                _quiet_dependency_loggers()
+            thread = threading.Thread(target=self._run, args=(watch,), name="gie-guard-policy-watch", daemon=True)
+            try:
+                thread.start()
+            except BaseException:
+                self._stop.set()
+                raise
+            self._thread = thread
 
     @property
     def current(self) -> PolicySnapshot:
@@ -129,6 +210,11 @@ class PolicyStore:
     @property
     def watching(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def watched_files(self) -> tuple[str, ...]:
+        """Absolute paths the watcher compares: the policy file and every file it ever included."""
+        return tuple(self._watched)
 
     def __repr__(self) -> str:
         return f"PolicyStore({self._current!r}, watching={self.watching})"
@@ -144,24 +230,53 @@ class PolicyStore:
         True if the source is valid (swapped or unchanged), False if it is not (the last good
         snapshot stays live and the error is in ``state.last_error``).
         """
+        return bool(self._reload(None))
+
+    def _reload(self, expected: dict[str, tuple[str, ...]] | None) -> bool | None:
+        """One reload. With ``expected`` (the watcher's settled fingerprints), a read that saw
+        other bytes than those returns None without counting: the watcher settles again."""
         with self._lock:
             started = time.time()
             seen: list[str] = []
+            digests: dict[str, str] = {}
             error: PolicyError | None = None
+            result: Literal["success", "failure", "unchanged"] = "failure"
+            flat: FlatPolicy | None = None
             try:
-                flat = read_policy(self._source, files=seen)
-                digest = content_hash(flat.policy, expand_concepts(flat.policy))
-                if digest == self._current.content_hash:
-                    result: Literal["success", "failure", "unchanged"] = "unchanged"
-                else:
-                    self._current = _compile(flat, self._embedder, digest)
-                    result = "success"
+                flat = read_policy(self._source, files=seen, roots=self._roots, digests=digests)
             except PolicyError as exc:
-                error, result = exc, "failure"
+                error = exc
             except Exception as exc:  # a reload must never take the service down
-                log.exception("unexpected error while reloading policy %r", self._current.name)
-                error, result = PolicyError(f"unexpected {type(exc).__name__}: {exc}"), "failure"
-            self._fingerprint = _fingerprint(seen)
+                log.exception("unexpected error while reading policy %r", self._current.name)
+                error = PolicyError(f"unexpected {type(exc).__name__} while reading the policy (details in the log)",
+                                    file=self._label())
+            self._remember(seen)
+            fingerprint = self._fingerprints(digests)
+            if expected is not None and fingerprint != expected:
+                return None
+            if flat is not None:
+                try:
+                    digest = content_hash(flat.policy, expand_concepts(flat.policy))
+                    if digest == self._current.content_hash:
+                        result = "unchanged"
+                    else:
+                        candidate = _compile(flat, self._embedder, digest, cache_dir=self._cache_dir)
+                        self._check(candidate)
+                        self._current = candidate
+                        result = "success"
+                except _Rejected as exc:
+                    cause = exc.cause
+                    error = cause if isinstance(cause, PolicyError) else PolicyError(
+                        f"refused by the validator ({type(cause).__name__}: {cause})", file=flat.source)
+                    if error is not cause:
+                        error.__cause__ = cause
+                except PolicyError as exc:
+                    error = exc
+                except Exception as exc:
+                    log.exception("unexpected error while compiling policy %r", self._current.name)
+                    error = PolicyError(f"unexpected {type(exc).__name__} while compiling the policy (details in the log)",
+                                        file=flat.source)
+            self._fingerprint = fingerprint
             self._state = self._counted(result, error, started)
             snapshot = self._current
         if error is not None:
@@ -176,6 +291,17 @@ class PolicyStore:
             except Exception:
                 log.exception("policy reload listener %r failed", listener)
         return error is None
+
+    def _check(self, candidate: PolicySnapshot) -> None:
+        if self._validate is None:
+            return
+        try:
+            self._validate(candidate)
+        except Exception as exc:
+            raise _Rejected(exc) from exc
+
+    def _label(self) -> str | None:
+        return os.fspath(self._source) if isinstance(self._source, (str, os.PathLike)) else None
 
     def _counted(self, result: str, error: PolicyError | None, at: float) -> ReloadState:
         s = self._state
@@ -199,58 +325,124 @@ class PolicyStore:
 
     # -- watching ---------------------------------------------------------------------
 
-    def _changed(self) -> bool:
-        return _fingerprint([path for path, _ in self._fingerprint]) != self._fingerprint
+    def _remember(self, seen: list[str]) -> None:
+        for path in seen:
+            self._watched[os.path.abspath(path)] = None
+        if len(self._watched) > _MAX_WATCHED:
+            keep = {os.path.abspath(p) for p in seen}
+            for path in [p for p in self._watched if p not in keep][: len(self._watched) - _MAX_WATCHED]:
+                del self._watched[path]
 
-    def _poke(self) -> None:
-        # Reload only when the bytes of some watched file changed (or a file came or went),
-        # so unrelated activity in the folder costs a read, not a parse.
-        if self._changed():
-            self.reload()
+    def _fingerprints(self, digests: dict[str, str]) -> dict[str, tuple[str, ...]]:
+        """Per watched file: the sha256 of the bytes just parsed (if read), else what is there now."""
+        parsed = {os.path.abspath(p): ("file", d) for p, d in digests.items()}
+        return {p: parsed.get(p) or file_fingerprint(p, limit=MAX_POLICY_BYTES) for p in list(self._watched)}
 
-    def _folders(self) -> list[str]:
-        return sorted({os.path.dirname(os.path.abspath(path)) for path, _ in self._fingerprint
-                       if os.path.isdir(os.path.dirname(os.path.abspath(path)))})
+    def _run(self, mode: bool | str) -> None:
+        """The watcher thread: never exits while the store is open."""
+        warned = False
+        while not self._stop.is_set():
+            try:
+                if mode == "poll":
+                    self._poll(None)
+                    continue
+                try:
+                    import watchfiles
+                except ImportError:
+                    log.warning("watchfiles is not installed; polling the policy files every %.2fs", self._poll_interval)
+                    mode = "poll"
+                    continue
+                self._watch_once(watchfiles)
+            except Exception as exc:
+                if self._stop.is_set():
+                    return
+                (log.debug if warned else log.warning)(
+                    "cannot watch the policy files (%s: %s); polling every %.2fs, watching again in %.0fs",
+                    type(exc).__name__, exc, self._poll_interval, _RETRY_WATCH_S)
+                warned = True
+                try:
+                    self._poll(_RETRY_WATCH_S)
+                except Exception:  # pragma: no cover - _poll catches per check
+                    log.exception("policy poll failed")
 
-    def _watch(self) -> None:
+    def _poll(self, duration: float | None) -> None:
+        until = None if duration is None else time.monotonic() + duration
+        while not self._stop.wait(self._poll_interval):
+            self._look()
+            if until is not None and time.monotonic() >= until:
+                return
+
+    def _look(self) -> None:
+        """Reload if some watched file changed, once its content has settled."""
         try:
-            import watchfiles
+            now = self._fingerprints({})
+            while now != self._fingerprint and not self._stop.is_set():
+                if self._settle > 0:
+                    if self._stop.wait(self._settle):
+                        return
+                    again = self._fingerprints({})
+                    if again != now:
+                        now = again  # still being written
+                        continue
+                if self._reload(now) is not None:
+                    return
+                now = self._fingerprints({})  # changed while it was read: settle again
+        except Exception:
+            log.exception("policy watcher check failed")
 
-            while not self._stop.is_set():
-                folders = self._folders()
-                if not folders:
-                    raise FileNotFoundError("no folder of the policy files exists")
-                for changes in watchfiles.watch(
-                    *folders, watch_filter=None, debounce=_DEBOUNCE_MS, step=50, stop_event=self._stop,
-                    rust_timeout=int(self._poll_interval * 1000 * _SAFETY_POLLS), yield_on_timeout=True,
-                    recursive=False, raise_interrupt=False,
-                ):
-                    self._poke()
-                    if self._stop.is_set() or self._folders() != folders:
-                        break  # the include tree moved to other folders: watch those instead
-        except Exception as exc:
+    def _folders(self) -> tuple[tuple[str, tuple[int, int] | None], ...]:
+        """Folders to watch, with their identity: each watched file's folder (or, while it is
+        missing, its nearest existing ancestor, to see it come back) and the folder of the
+        file a symlink points to. A folder replaced by another is watched anew."""
+        found = set()
+        for path in list(self._watched):
+            folder = os.path.dirname(path)
+            while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+                folder = os.path.dirname(folder)
+            found.add(folder)
+            real = os.path.dirname(os.path.realpath(path))
+            if os.path.isdir(real):
+                found.add(real)
+        return tuple(sorted((folder, _identity(folder)) for folder in found))
+
+    def _watch_once(self, watchfiles: Any) -> None:
+        """Watch the current folders until they change (then return to re-arm) or the store closes."""
+        folders = self._folders()
+        self._look()
+        if self._stop.is_set() or self._folders() != folders:
+            return
+        quiet_ms = int(min(self._poll_interval * _SAFETY_POLLS, _MAX_QUIET_S) * 1000)
+        for _changes in watchfiles.watch(
+            *(folder for folder, _ in folders), watch_filter=None, debounce=_DEBOUNCE_MS, step=50,
+            stop_event=self._stop, rust_timeout=quiet_ms, yield_on_timeout=True, recursive=False,
+            raise_interrupt=False, ignore_permission_denied=True,
+        ):
             if self._stop.is_set():
                 return
-            log.warning("cannot watch the policy files (%s: %s); polling every %.2fs instead",
-                        type(exc).__name__, exc, self._poll_interval)
-            self._poll()
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self._poll_interval):
-            try:
-                self._poke()
-            except Exception:
-                log.exception("policy poll failed")
+            self._look()
+            if self._folders() != folders:
+                return  # a folder appeared, vanished or was replaced: watch the new set
 
 
-def _fingerprint(paths: list[str]) -> tuple[tuple[str, str | None], ...]:
-    """(path, sha256 of its bytes or None if unreadable) for each path, in order."""
-    out = []
-    for path in dict.fromkeys(paths):
-        try:
-            with open(path, "rb") as handle:
-                digest = hashlib.sha256(handle.read(MAX_POLICY_BYTES + 1)).hexdigest()
-        except OSError:
-            digest = None
-        out.append((path, digest))
-    return tuple(out)
+def _as_roots(roots: Roots | None) -> tuple[str | os.PathLike[str], ...]:
+    if roots is None:
+        return ()
+    if isinstance(roots, (str, os.PathLike)):
+        return (roots,)  # one folder, not the characters of a path
+    return tuple(roots)
+
+
+def _identity(folder: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _quiet_dependency_loggers() -> None:
+    """watchfiles logs every batch of changes at INFO; keep it at WARNING unless the
+    application set a level on its loggers (the root logger is not touched)."""
+    parent, main = logging.getLogger("watchfiles"), logging.getLogger("watchfiles.main")
+    if parent.level == logging.NOTSET and main.level == logging.NOTSET:
+        parent.setLevel(logging.WARNING)

@@ -17,7 +17,9 @@ bounded by the file size), then walked once to build the data and a table of pos
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +29,8 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from ..errors import PolicyError
+from ..limits import MAX_CONCEPT_TEXTS
+from .files import FileProblem, read_regular_file
 
 __all__ = ["MAX_NODES", "MAX_POLICY_BYTES", "PolicyDocument", "format_path", "parse_policy_bytes", "read_policy_file"]
 
@@ -48,11 +52,21 @@ _SCALARS = {
 KeyPath = tuple[str | int, ...]
 
 
+_MAX_KEY_SHOWN = 64
+
+
+def _show_key(key: str) -> str:
+    # A key path is printed on one line after file:line:, so no control characters, and a
+    # long key is cut (a key is the only text of a refused file an error shows).
+    shown = "".join(ch if ch.isprintable() else "?" for ch in key)
+    return shown if len(shown) <= _MAX_KEY_SHOWN else shown[: _MAX_KEY_SHOWN - 3] + "..."
+
+
 def format_path(path: KeyPath) -> str:
     """``("concepts", 2, "scale")`` -> ``concepts[2].scale``."""
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        out += f"[{part}]" if isinstance(part, int) else (f".{_show_key(part)}" if out else _show_key(str(part)))
     return out
 
 
@@ -76,24 +90,20 @@ class PolicyDocument:
 
 
 def read_policy_file(path: str | os.PathLike[str], *, label: str | None = None) -> bytes:
-    """The file's bytes, refusing anything over ``MAX_POLICY_BYTES`` before reading it all."""
+    """The file's bytes, refusing anything over ``MAX_POLICY_BYTES`` before reading it all,
+    and anything that is not a regular file before opening it (a FIFO would block).
+    A missing file raises ``FileNotFoundError``; every other problem ``PolicyError``."""
     name = label or str(path)
     try:
-        size = os.stat(path).st_size
-        if size > MAX_POLICY_BYTES:
-            raise PolicyError(_too_big(size), file=name)
-        with open(path, "rb") as handle:
-            # stat() can lie (pipes, /proc), so never read past the limit either.
-            raw = handle.read(MAX_POLICY_BYTES + 1)
-    except FileNotFoundError:
-        raise
-    except IsADirectoryError:
-        raise PolicyError("is a directory, not a policy file", file=name) from None
-    except OSError as exc:
-        raise PolicyError(f"cannot read the file ({exc.strerror or exc})", file=name) from None
-    if len(raw) > MAX_POLICY_BYTES:
-        raise PolicyError(_too_big(None), file=name)
-    return raw
+        return read_regular_file(path, limit=MAX_POLICY_BYTES)
+    except FileProblem as exc:
+        if exc.kind == "missing":
+            raise FileNotFoundError(errno.ENOENT, "no such policy file", name) from None
+        if exc.kind == "too-big":
+            raise PolicyError(_too_big(None), file=name) from None
+        if exc.problem.startswith("is a directory"):
+            raise PolicyError("is a directory, not a policy file", file=name) from None
+        raise PolicyError(exc.problem, file=name) from None
 
 
 def _too_big(size: int | None) -> str:
@@ -102,44 +112,87 @@ def _too_big(size: int | None) -> str:
 
 
 def parse_policy_bytes(raw: bytes, *, file: str | None = None) -> PolicyDocument:
-    """Decode, compose and build one YAML document, raising ``PolicyError`` with a position."""
+    """Decode, compose and build one YAML document, raising ``PolicyError`` with a position.
+
+    Messages name positions, key paths and expected types, never the file's text: the
+    file may not be a policy at all (a symlink to a secret), and errors end up in logs.
+    """
     if len(raw) > MAX_POLICY_BYTES:
         raise PolicyError(_too_big(len(raw)), file=file)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
-        raise PolicyError(
-            f"not UTF-8 text: byte 0x{raw[exc.start]:02x} cannot be decoded; save the file as UTF-8",
-            file=file, line=line,
-        ) from None
+        raise PolicyError("not UTF-8 text; save the file as UTF-8", file=file, line=line) from None
     try:
         root = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         raise _yaml_error(exc, text, file) from None
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"invalid YAML: {exc}", file=file) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, max(exc.position, 0)) + 1
+        raise PolicyError("invalid YAML: a control character YAML does not allow", file=file, line=line) from None
+    except yaml.YAMLError:
+        raise PolicyError("invalid YAML", file=file) from None
     except RecursionError:
         raise PolicyError("invalid YAML: nested too deeply", file=file) from None
     if root is None:
         raise PolicyError("the file is empty; a policy needs at least a `name`", file=file, line=1)
+    _check_concept_count(root, file)
     builder = _Builder(file)
-    data = builder.build(root, (), 0)
+    try:
+        data = builder.build(root, (), 0)
+    except RecursionError:  # cannot happen below _MAX_DEPTH, but never let one escape
+        raise PolicyError("invalid YAML: nested too deeply", file=file) from None
     return PolicyDocument(data=data, file=file, values=builder.values, keys=builder.keys)
+
+
+def _check_concept_count(root: Node, file: str | None) -> None:
+    """Refuse a file with more concept texts than MAX_CONCEPT_TEXTS before building or
+    validating anything: counting composed nodes costs microseconds per concept."""
+    if not isinstance(root, MappingNode):
+        return
+    for key, value in root.value:
+        if isinstance(key, ScalarNode) and key.value == "concepts" and isinstance(value, SequenceNode):
+            texts = 0
+            for item in value.value:
+                if not isinstance(item, MappingNode):
+                    texts += 1
+                    continue
+                fields = {k.value: v for k, v in item.value if isinstance(k, ScalarNode)}
+                enabled = fields.get("enabled")
+                if isinstance(enabled, ScalarNode) and enabled.tag == _T + "bool" \
+                        and enabled.value.lower() in ("false", "no", "off"):
+                    continue
+                aliases = fields.get("aliases")
+                texts += 1 + (len(aliases.value) if isinstance(aliases, SequenceNode) else 0)
+            if texts > MAX_CONCEPT_TEXTS:
+                raise PolicyError(
+                    f"{texts:,} concept texts (enabled concepts plus their aliases) in this file; a policy may "
+                    f"have at most {MAX_CONCEPT_TEXTS:,} (MAX_CONCEPT_TEXTS), counted before deduplication",
+                    file=file, line=key.start_mark.line + 1, column=key.start_mark.column + 1, place="concepts",
+                )
+
+
+# Quoted parts of YAML parser messages are text from the file (an anchor name, a character).
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|`[^`]*`")
+
+
+def _quiet(message: str) -> str:
+    return " ".join(_QUOTED.sub("a character", message).split())
 
 
 def _yaml_error(exc: yaml.MarkedYAMLError, text: str, file: str | None) -> PolicyError:
     mark = exc.problem_mark or exc.context_mark
     line = mark.line + 1 if mark else None
     column = mark.column + 1 if mark else None
-    problem = exc.problem or "invalid YAML"
+    problem = _quiet(exc.problem or "invalid YAML")
     lines = text.splitlines()
     offending = lines[mark.line] if mark is not None and mark.line < len(lines) else ""
     indent = offending[: len(offending) - len(offending.lstrip())]
     if "\t" in indent or (mark is not None and offending[mark.column:mark.column + 1] == "\t"):
         problem = "a tab character is used where YAML allows only spaces (indentation)"
     elif exc.context:
-        problem = f"{problem} ({exc.context})"
+        problem = f"{problem} ({_quiet(exc.context)})"
     return PolicyError(f"invalid YAML: {problem}", file=file, line=line, column=column)
 
 
@@ -201,11 +254,24 @@ class _Builder:
         construct = _SCALARS.get(node.tag)
         if construct is None:
             raise self._fail(_bad_tag(node.tag), node, path)
-        return construct(self._constructor, node)
+        try:
+            return construct(self._constructor, node)
+        except (ValueError, OverflowError, ArithmeticError, yaml.YAMLError):
+            # e.g. an integer of more digits than Python converts (sys.get_int_max_str_digits)
+            raise self._fail("a number too large to read, or a value its YAML type cannot hold", node, path) from None
+
+
+# Standard YAML types are named in errors; any other tag is text from the file, so it is not.
+_KNOWN_TAGS = {"binary", "set", "omap", "pairs", "merge", "value", "yaml", "timestamp", "seq", "map", "str", "int",
+               "float", "bool", "null"}
 
 
 def _bad_tag(tag: str) -> str:
-    shown = "!!" + tag[len(_T):] if tag.startswith(_T) else tag
+    plain = "policies hold plain data only (text, numbers, lists, mappings)"
     if tag == _T + "timestamp":
         return "dates are not policy values; quote the value to make it text"
-    return f"YAML tag {shown} is not allowed; policies hold plain data only (text, numbers, lists, mappings)"
+    if tag.startswith(_T + "python/"):
+        return f"YAML tag !!python/... is not allowed; {plain}"
+    if tag.startswith(_T) and tag[len(_T):] in _KNOWN_TAGS:
+        return f"YAML tag !!{tag[len(_T):]} is not allowed here; {plain}"
+    return f"custom YAML tags (!...) are not allowed; {plain}"

@@ -1,5 +1,6 @@
 """The shapes world: a tiny, real Stable Diffusion pipeline trained offline on rendered
-shapes, and a detector that judges its images. See docs/shapes.md."""
+shapes, and a detector that judges its images. `load_pipeline(backbone="dit")` gives the
+transformer (SD3-family) model instead of the UNet. See docs/shapes.md."""
 
 from .detector import Detector, load_detector
 from .model import load_pipeline

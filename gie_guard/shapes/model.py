@@ -4,6 +4,7 @@ A real `StableDiffusionPipeline`: 32x32 RGB images, an `AutoencoderKL` to 8x8x4 
 a UNet with Stable Diffusion 1.x's block layout (16 cross-attention layers, so GIE sees
 the same number of layers and adapter features as on SD 1.x), DDIM sampling, and the
 frozen-MiniLM sink encoder (text_encoder.py) on 77-token prompts.
+`load_pipeline(backbone="dit")` builds the transformer (SD3-family) model instead (dit_model.py).
 """
 
 from __future__ import annotations
@@ -82,8 +83,21 @@ def assemble_pipeline(
     return pipe
 
 
-def load_pipeline(device: str | torch.device = "cpu", weights_dir: str | pathlib.Path | None = None) -> StableDiffusionPipeline:
-    """The trained shapes pipeline in float32 on `device`, built from the packaged weights."""
+def load_pipeline(
+    device: str | torch.device = "cpu",
+    weights_dir: str | pathlib.Path | None = None,
+    backbone: str = "unet",
+):
+    """The trained shapes pipeline in float32 on `device`, built from the packaged weights.
+
+    backbone "unet" (default): the `StableDiffusionPipeline`; "dit": the transformer model,
+    a `StableDiffusion3Pipeline` (dit_model.py)."""
+    if backbone == "dit":
+        from .dit_model import load_dit_pipeline
+
+        return load_dit_pipeline(device, weights_dir)
+    if backbone != "unet":
+        raise ValueError(f"unknown shapes backbone {backbone!r}: expected 'unet' or 'dit'")
     wdir = pathlib.Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     meta = json.loads((wdir / "model.json").read_text())
     vae = new_vae()

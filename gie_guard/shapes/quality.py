@@ -1,11 +1,13 @@
 """Quality gate of the shapes model, judged by the detector, and its attention profile.
 
-    python -m gie_guard.shapes.quality [--n 200] [--weights DIR]
+    python -m gie_guard.shapes.quality [--n 200] [--weights DIR] [--backbone unet|dit]
 
 Prints, for unguarded generations at fixed seeds, how often the prompted shape, colour
 and style are detected, the same for prompts that use held-out synonyms, the detector's
 own accuracy on fresh renders, and the share of cross-attention each token position
-receives (the start token should take most of it, as in Stable Diffusion).
+receives (the start token should take most of it, as in Stable Diffusion). With
+`--backbone dit` (the transformer model) the same gate, then the joint-attention profile
+(dit_attention.py): shares per key class, locality, text-stream leak and the route test.
 """
 
 from __future__ import annotations
@@ -153,15 +155,38 @@ def attention_summary(pipe, prompt: str) -> dict[str, float]:
     return summary
 
 
+def print_joint_attention(pipe, detector: Detector, seed: int = 0) -> None:
+    from . import dit_attention as da
+
+    print("\njoint attention of image queries (all blocks, heads, pixels, steps; conditional row):")
+    for prompt in ("a red circle", "a blue striped star"):
+        share = da.joint_attention_share(pipe, prompt)
+        print(f"  {prompt!r}: " + ", ".join(f"{k} {v:.3f}" for k, v in share.items()))
+        local = da.joint_locality(pipe, prompt)
+        print("    object/background attention ratio: " + ", ".join(f"{k} {v:.2f}" for k, v in local.items()))
+        for b, row in enumerate(da.by_block(pipe, prompt)):
+            print(f"    block {b}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
+        leak = da.text_leak(pipe, prompt)
+        print("    text-stream queries' attention to real tokens (blocks 0..L-2): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in leak.items()))
+    rng = np.random.default_rng(seed + 7)
+    things = [Thing(SHAPES[rng.integers(5)], COLOURS[rng.integers(5)], "plain") for _ in range(25)]
+    prompts = [f"a {t.colour} {t.shape}" for t in things]
+    route = da.route_test(pipe, detector, prompts, [{t.colour, t.shape} for t in things], seed)
+    print(f"  route test, 25 prompts 'a {{colour}} {{shape}}': attributes detected {route['full']:.3f}; "
+          f"with image queries' attention to real tokens cut {route['cut']:.3f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights", type=pathlib.Path, default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--backbone", choices=("unet", "dit"), default="unet")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(weights_dir=args.weights)
+    pipe = load_pipeline(weights_dir=args.weights, backbone=args.backbone)
     detector = load_detector(args.weights / "detector.safetensors" if args.weights else None)
 
     images, labels = render_labelled(np.random.default_rng(10_000 + args.seed), 1000)
@@ -169,12 +194,16 @@ def main(argv: list[str] | None = None) -> None:
     print("detector on 1000 fresh renders: mean per-attribute %.4f, exact set %.3f" % (acc["mean"], acc["exact"]))
     print("  " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items() if k not in ("mean", "exact")))
 
-    print(f"\nquality gate ({STEPS} DDIM steps, guidance {GUIDANCE}):")
+    print(f"\nquality gate ({STEPS} steps of {type(pipe.scheduler).__name__}, guidance {GUIDANCE}):")
     print(f"{'row':24s} {'rate':>6s} {'n':>5s} {'gate':>6s}")
     for row, (rate, n) in quality_gate(pipe, detector, args.n, args.seed).items():
         gate = GATE.get(row)
         verdict = "" if gate is None else f"{gate:6.2f} {'met' if rate >= gate else 'MISSED'}"
         print(f"{row:24s} {rate:6.3f} {n:5d} {verdict}")
+
+    if args.backbone == "dit":
+        print_joint_attention(pipe, detector, args.seed)
+        return
 
     print("\ncross-attention share (all layers, heads, pixels, steps; conditional rows):")
     for prompt in ("a red circle", "a blue striped star"):

@@ -1,6 +1,10 @@
 """Train the shapes model from a seed: autoencoder, then UNet (+ sink vector), then detector.
 
     python -m gie_guard.shapes.train --seed 0 --out DIR [--minutes M]
+    python -m gie_guard.shapes.train --backbone dit --seed 0 --out DIR
+
+`--backbone dit` trains the transformer (SD3-family) model instead, on the packaged
+autoencoder and detector (dit_train.py); the default `unet` is the run described here.
 
 Step counts are fixed (so a seed reproduces the model); --minutes is a safety cap that
 stops the UNet stage early. Weights are written to DIR in float16 every few hundred UNet
@@ -190,18 +194,28 @@ def train_unet(
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", choices=("unet", "dit"), default="unet")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=pathlib.Path, required=True)
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock cap for the whole run")
     ap.add_argument("--vae-steps", type=int, default=600)
     ap.add_argument("--unet-steps", type=int, default=1600)
     ap.add_argument("--detector-steps", type=int, default=600)
-    ap.add_argument("--pool", type=int, default=20000, help="scenes the UNet trains on")
+    ap.add_argument("--pool", type=int, default=20000, help="scenes the UNet (or transformer) trains on")
     # one thread: on a shared 2-core machine two threads spin-wait on each other (measured 10-40x slower)
     ap.add_argument("--threads", type=int, default=1)
+    from . import dit_train
+
+    dit_train.add_arguments(ap)
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    if args.backbone == "dit":
+        args.out.mkdir(parents=True, exist_ok=True)
+        log = Log(args.out / "train.log")
+        log(f"args {vars(args)}")
+        dit_train.train(args, log)
+        return
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)

