@@ -4,6 +4,7 @@
     python benchmarks/adapter_vs_fixed.py compare [--weights DIR]   # removal / preservation / collateral
     python benchmarks/adapter_vs_fixed.py cost    [--weights DIR]   # scale inference cost per call
     python benchmarks/adapter_vs_fixed.py sweep --concepts circle,red --scales 1,2,5,10,20,40,80   # fixed only
+    python benchmarks/adapter_vs_fixed.py --smoke --results DIR  # all four, tiny, into DIR: seconds (CI)
 
 train: labels ``--n-train`` prompts (three quarters name the concept, a quarter do not)
 with the shapes detector at each grid scale, by the rule of docs/adapters.md, and fits the
@@ -30,6 +31,7 @@ import os
 import pathlib
 import statistics
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,6 +46,7 @@ from gie_guard import Guard  # noqa: E402
 from gie_guard.adapters import load_adapter  # noqa: E402
 from gie_guard.adapters.judges import ShapesJudge, ShapesPreservation  # noqa: E402
 from gie_guard.adapters.training import TrainingConfig, train_adapter  # noqa: E402
+from gie_guard.limits import MAX_SCALE  # noqa: E402
 from gie_guard.shapes import load_detector, load_pipeline  # noqa: E402
 from gie_guard.shapes.world import COLOURS, SHAPES, STYLES, Thing  # noqa: E402
 from gie_guard.shapes.quality import prompt_for  # noqa: E402
@@ -90,6 +93,11 @@ def policy(concept, scale, window):
             "concepts": [{"id": "c", "text": concept, "category": "object", "scale": scale}]}
 
 
+def auto_scale(fallback: float) -> dict:
+    """``scale: auto`` with the policy's bounds as wide as allowed: the adapter's range decides."""
+    return {"auto": True, "fallback": fallback, "min": 0.0, "max": MAX_SCALE}
+
+
 def cmd_train(args) -> None:
     pipe, detector = load(args)
     n_with = (3 * args.n_train) // 4
@@ -97,7 +105,7 @@ def cmd_train(args) -> None:
     prompts = [p for pair in zip(with_c, without) for p in pair] + with_c[len(without):]
     config = TrainingConfig(concept=args.concept, category="object", name=f"shapes-{args.concept}",
                             scales=tuple(args.scales), steps=STEPS, guidance_scale=GUIDANCE, window=tuple(args.window),
-                            preserve_bound=args.preserve_bound, seed=0, epochs=2000)
+                            preserve_bound=args.preserve_bound, seed=0, epochs=args.epochs)
     judge = ShapesJudge(detector)
     adapter, report = train_adapter(pipe, prompts, config, judge, ShapesPreservation(detector), out=args.out,
                                     report_path=pathlib.Path(args.out).with_suffix(".json"), judge_name="shapes")
@@ -132,7 +140,7 @@ def cmd_compare(args) -> None:
             rows[f"fixed {scale:g} ({label})"] = evaluate(detector, concept, refs_w, refs_wo,
                                                           images(pipe, with_c, seed_w, g), images(pipe, without, seed_wo, g))
             rows[f"fixed {scale:g} ({label})"]["scale_mean"] = scale
-        auto = {"auto": True, "fallback": args.small, "min": 0.0, "max": 1000.0}
+        auto = auto_scale(args.small)
         g = Guard(policy=policy(concept, auto, args.window), adapters=[adapter])
         scales = {"with": [], "without": []}
 
@@ -153,8 +161,8 @@ def cmd_compare(args) -> None:
         for name, r in rows.items():
             print(f"  {name:18s} {r['scale_mean']:7.2f} {r['removal']:8.2f} {r['preservation']:9.2f} {r['collateral']:10.2f}")
         sys.stdout.flush()
-    out = REPO / "benchmarks" / "results"
-    out.mkdir(exist_ok=True)
+    out = pathlib.Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "adapter_vs_fixed.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
 
 
@@ -180,7 +188,7 @@ def cmd_sweep(args) -> None:
 def cmd_cost(args) -> None:
     pipe, _ = load(args)
     adapter = load_adapter(args.adapter, pipeline=pipe)
-    auto = {"auto": True, "fallback": args.small, "min": 0.0, "max": 1000.0}
+    auto = auto_scale(args.small)
     variants = {
         "unguarded": None,
         "fixed scale": Guard(policy=policy("circle", args.small, args.window)),
@@ -207,7 +215,7 @@ def cmd_cost(args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=("train", "compare", "cost", "sweep"))
+    ap.add_argument("command", nargs="?", choices=("train", "compare", "cost", "sweep"))
     ap.add_argument("--weights", type=pathlib.Path, default=None, help="shapes weights folder (default: packaged)")
     ap.add_argument("--concept", default="circle")
     ap.add_argument("--n-train", type=int, default=48)
@@ -222,9 +230,28 @@ def main(argv=None) -> None:
     ap.add_argument("--large", type=float, default=2.0)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=2000, help="train: epochs of the MLP fit")
+    ap.add_argument("--results", default=None, help="folder of compare's results (default: benchmarks/results)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="train, compare, cost and sweep in miniature (4 steps, a few prompts), writing the adapter "
+                         "and results into --results (default: a new temporary folder): checks it runs, measures nothing")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    {"train": cmd_train, "compare": cmd_compare, "cost": cmd_cost, "sweep": cmd_sweep}[args.command](args)
+    commands = {"train": cmd_train, "compare": cmd_compare, "cost": cmd_cost, "sweep": cmd_sweep}
+    if args.smoke:
+        global STEPS
+        STEPS = 4
+        args.results = args.results or tempfile.mkdtemp(prefix="adapter-vs-fixed-")
+        args.out = args.adapter = str(pathlib.Path(args.results) / "shapes-circle.safetensors")
+        args.n_train, args.scales, args.n, args.concepts, args.repeats, args.epochs = 4, [0.5, 2.0], 2, ["circle"], 1, 200
+        for command in commands:  # train first: the others read its adapter
+            print(f"-- {command} (smoke)", flush=True)
+            commands[command](args)
+        return
+    args.results = args.results or str(REPO / "benchmarks" / "results")
+    if args.command is None:
+        ap.error("name a command (train, compare, cost, sweep) or give --smoke")
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 python benchmarks/compile_policy.py [--concepts 1000] [--repeat 3]
     HF_HUB_OFFLINE=1 python benchmarks/compile_policy.py --scaling [--reference]
+    HF_HUB_OFFLINE=1 python benchmarks/compile_policy.py --smoke     # both, tiny: seconds (CI)
 
 The policy is generated from the real prompt sets in ../shared/data/ (read at run time):
 object classes, artist names and frequent caption phrases, with a mix of fixed and auto
@@ -235,7 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="1000,2000,10000", help="text counts for --scaling")
     parser.add_argument("--reference", action="store_true", help="also time the implementation before the rewrite")
     parser.add_argument("--reference-max", type=int, default=2000, help="largest size the reference is timed at")
+    parser.add_argument("--smoke", action="store_true",
+                        help="--scaling at 200 texts, then 20 concepts once: checks it runs, measures nothing")
     args = parser.parse_args(argv)
+    if args.smoke:
+        scaling([200], reference=False, reference_max=0)
+        args.concepts, args.repeat, args.scaling = 20, 1, False
     if args.scaling:
         scaling([int(n) for n in args.sizes.split(",")], args.reference, args.reference_max)
         return

@@ -97,6 +97,9 @@ class Bench:
         self.seeds = seeds
         self.out = out
         self.cache: dict[tuple[str, Column, tuple[int, ...]], np.ndarray] = {}  # -> images (S, 32, 32, 3)
+        # gated GIE runs: each image's measured presence per concept (report.concepts[i].presence)
+        self.presence: dict[tuple[str, Column, tuple[int, ...]], np.ndarray] = {}  # -> (S, C)
+        self._last_presence: np.ndarray | None = None
         self._sld = None
         from prometheus_client import CollectorRegistry
 
@@ -117,11 +120,21 @@ class Bench:
     def images(self, method: str, columns: list[Column]) -> dict[Column, np.ndarray]:
         """Images of every column and seed under ``method``, cached: (S, 32, 32, 3) per column."""
         seeds = tuple(self.seeds)
+        for c in columns:  # a longer run of seeds starting with these already holds them
+            longer = next((k for k in self.cache if k[0] == method and k[1] == c and len(k[2]) > len(seeds)
+                           and k[2][: len(seeds)] == seeds), None) if (method, c, seeds) not in self.cache else None
+            if longer is not None:
+                self.cache[(method, c, seeds)] = self.cache[longer][: len(seeds)]
+                if longer in self.presence:
+                    self.presence[(method, c, seeds)] = self.presence[longer][: len(seeds)]
         todo = [c for c in columns if (method, c, seeds) not in self.cache]
         if todo:
+            self._last_presence = None
             images = self._run(method, [c.prompt(s) for c in todo for s in seeds], [s for _ in todo for s in seeds])
             for i, c in enumerate(todo):
                 self.cache[(method, c, seeds)] = images[i * len(seeds) : (i + 1) * len(seeds)]
+                if self._last_presence is not None:
+                    self.presence[(method, c, seeds)] = self._last_presence[i * len(seeds) : (i + 1) * len(seeds)]
         return {c: self.cache[(method, c, seeds)] for c in columns}
 
     def _run(self, method: str, prompts: list[str], seeds: list[int]) -> np.ndarray:
@@ -135,13 +148,27 @@ class Bench:
             return self._generate(self.sld, prompts, seeds, **SLD_SETTINGS)
         if kind == "gie":
             spec = json.loads(arg)
-            guard = Guard(policy={
-                "name": "bench",
-                "inhibit_steps": spec["window"],
-                "dedup_threshold": 0.0,
-                "concepts": [{"id": f"c{i}", "text": t, "scale": spec["scale"]} for i, t in enumerate(spec["texts"])],
-            }, metrics=self.metrics, **spec.get("engine", {}))
-            return self._generate(lambda **kw: guard(self.pipe, **kw), prompts, seeds)
+            concepts = [{"id": f"c{i}", "text": t, "scale": spec["scale"]} for i, t in enumerate(spec["texts"])]
+            policy = {"name": "bench", "inhibit_steps": spec["window"], "dedup_threshold": 0.0, "concepts": concepts}
+            if spec.get("preserve"):  # preservation anchors on every concept, by the named mechanism
+                for concept in concepts:
+                    concept["preserve"] = spec["preserve"]
+                policy["preserve_by"] = spec["preserve_by"]
+            if spec.get("gate"):
+                mode, threshold = spec["gate"]
+                policy["presence"] = {"mode": mode, "threshold": threshold}
+            guard = Guard(policy=policy, metrics=self.metrics, **spec.get("engine", {}))
+            measured: list[np.ndarray] = []
+
+            def call(**kw):
+                out = guard(self.pipe, **kw)
+                if spec.get("gate"):  # (images, C): what the gate saw in each image
+                    measured.append(np.array([c.presence for c in guard.last_report.concepts], dtype=np.float64).T)
+                return out
+
+            images = self._generate(call, prompts, seeds)
+            self._last_presence = np.concatenate(measured) if measured else None
+            return images
         raise ValueError(method)
 
     @property
@@ -206,8 +233,63 @@ def frechet(x: np.ndarray, y: np.ndarray) -> float:
 ENGINE: dict = {}  # extra Guard(...) engine settings for every GIE method (--sink, --text-states)
 
 
-def gie(texts: list[str], scale: float, window: tuple[float, float]) -> str:
-    return "gie:" + json.dumps({"texts": texts, "scale": scale, "window": list(window), "engine": ENGINE})
+def gie(texts: list[str], scale: float, window: tuple[float, float], preserve: list[str] | tuple[str, ...] = (),
+        preserve_by: str | None = None, gate: tuple[str, float] | None = None) -> str:
+    """A GIE method key: ``texts`` erased at ``scale`` in ``window``; optionally with preservation
+    anchors (spared by ``preserve_by``) and presence gating (``(mode, threshold)``)."""
+    spec: dict = {"texts": texts, "scale": scale, "window": list(window), "engine": ENGINE}
+    if preserve:
+        spec.update(preserve=list(preserve), preserve_by=preserve_by or "compete")
+    if gate:
+        spec["gate"] = list(gate)
+    return "gie:" + json.dumps(spec)
+
+
+WORD_ATTRIBUTE = {w: a for table in (TRAIN_WORDS, HELD_OUT_WORDS) for a, words in table.items() for w in words}
+
+
+def parse_preserve(text: str | None, targets: list[str]) -> dict[str, list[str]]:
+    """``--preserve``: ``star,square`` (the same anchors for every target, a target's own word
+    skipped) or ``triangle:star,red:green+purple`` (per target; targets not named get none)."""
+    items = [x.strip() for x in (text or "").split(",") if x.strip()]
+    if not any(":" in x for x in items):
+        return {t: [w for w in items if w != t] for t in targets} if items else {}
+    out: dict[str, list[str]] = {}
+    for item in items:
+        target, sep, words = item.partition(":")
+        if not sep or target.strip() not in targets or not words.strip():
+            raise ValueError(f"--preserve item {item!r}: expected TARGET:WORD+WORD with TARGET one of {', '.join(targets)}")
+        out.setdefault(target.strip(), []).extend(w.strip() for w in words.split("+") if w.strip())
+    return out
+
+
+def anchor_columns(target: str, anchors: list[str]) -> list[Column]:
+    """Every prompted word of the anchors' attributes (all their synonyms, held-out ones too)."""
+    attributes = list(dict.fromkeys(WORD_ATTRIBUTE[a] for a in anchors if a in WORD_ATTRIBUTE))
+    return [c for a in attributes if a != target for c in columns_for(kind_of(a)) if c.attribute == a]
+
+
+def bar_check(removal: dict[Column, tuple[float, int]], target: str, anchor_attrs: set[str], kept: float,
+              null_kept: float) -> dict:
+    """The issue's bar: removal >= 0.95 on the target's words (synonyms, held-out ones), <= 0.05 on
+    the anchors' words, <= 0.10 on every other word; attributes kept within 0.02 of the null floor."""
+    def pick(keep):
+        got = [(c.word + ("*" if c.held_out else ""), r, n) for c, (r, n) in removal.items() if keep(c) and n]
+        return got
+    own = pick(lambda c: c.attribute == target)
+    anchors = pick(lambda c: c.attribute in anchor_attrs)
+    other = pick(lambda c: c.attribute != target and c.attribute not in anchor_attrs)
+    worst_own = min(own, key=lambda x: x[1]) if own else None
+    worst_anchor = max(anchors, key=lambda x: x[1]) if anchors else None
+    worst_other = max(other, key=lambda x: x[1]) if other else None
+    ok = dict(target=bool(own) and worst_own[1] >= 0.95, anchors=not anchors or worst_anchor[1] <= 0.05,
+              other=not other or worst_other[1] <= 0.10, kept=kept >= null_kept - 0.02)
+    return dict(target_words={w: r for w, r, _ in own}, min_target=worst_own, anchor_words={w: r for w, r, _ in anchors},
+                max_anchor=worst_anchor, max_other=worst_other, kept=kept, null_kept=null_kept, ok=ok, met=all(ok.values()))
+
+
+def _fmt_worst(x) -> str:
+    return "-" if x is None else f"{x[1]:.2f} ({x[0]}, n={x[2]})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,7 +310,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sink", default=None, help="Guard(sink=...) for every GIE run (default: the family's)")
     parser.add_argument("--text-states", default=None, choices=("ride-along", "static"),
                         help="Guard(text_states=...) for the transformer backbone")
+    # precision (docs/precision.md): preservation anchors and presence gating
+    parser.add_argument("--preserve", default=None, metavar="WORDS",
+                        help="preservation anchors for the --targets: 'star,square' (the same anchors for every "
+                             "target; a target's own word is skipped) or 'triangle:star,red:green+purple' (per "
+                             "target, '+' between words; targets not named get none). Adds a GIE row per "
+                             "--preserve-by mechanism, named 'GIE w=S +anchors(MECHANISM)', and repeats the sweep "
+                             "with anchors on")
+    parser.add_argument("--preserve-by", default="compete",
+                        help="the anchors' mechanism (policy key preserve_by): compete, project, both, a "
+                             "comma-separated list of them, or 'all'; each runs as its own row")
+    parser.add_argument("--gate", type=float, default=None, metavar="THRESHOLD",
+                        help="adds a presence-gated GIE row, 'GIE w=S +gate(THRESHOLD)' (policy key presence), "
+                             "the measured presence distributions and, in gate mode, thresholds simulated from them")
+    parser.add_argument("--gate-mode", default="gate", choices=("gate", "scale"), help="presence mode of the --gate row")
+    parser.add_argument("--gate-with-anchors", default=None, choices=("compete", "project", "both"),
+                        help="also a row with the gate and the anchors by this mechanism together")
+    parser.add_argument("--gate-sweep", default=None,
+                        help="thresholds to simulate from the measured presence (gate mode; default: the "
+                             "--gate threshold times 0.25, 0.5, 0.75, 1, 1.5, 2, 3)")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the scale/window sweep (needs --scale)")
+    parser.add_argument("--no-multi", action="store_true", help="skip the several-concepts-at-once table")
+    parser.add_argument("--preservation-seeds", default=None,
+                        help="START:END seeds for the attributes-kept table (prompts of the other kinds; a cost "
+                             "knob; default: --seeds). The null floor uses the same seeds")
+    parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU", help="machine description for results.md")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one target, one seed, 4 steps, no sweep, baselines or multi-concept table: seconds (CI)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        global STEPS
+        STEPS = 4
+        args.targets, args.seeds, args.scale = "circle", "0:1", 2.0
+        args.no_sweep = args.no_baselines = args.no_multi = True
+    if args.no_sweep and args.scale is None:
+        parser.error("--no-sweep needs --scale")
+    mechanisms = ["compete", "project", "both"] if args.preserve_by == "all" else args.preserve_by.split(",")
+    if not mechanisms or not set(mechanisms) <= {"compete", "project", "both"}:
+        parser.error(f"--preserve-by: compete, project, both, a list of them or all; got {args.preserve_by!r}")
+    gate_spec = (args.gate_mode, args.gate) if args.gate is not None else None
+    gate_label = "" if gate_spec is None else (f" +gate({args.gate:g})" if args.gate_mode == "gate"
+                                               else f" +gate(scale,{args.gate:g})")
     if args.sink:
         ENGINE["sink"] = args.sink
     if args.text_states:
@@ -240,12 +362,18 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in targets if not any(t in v for v in KINDS.values())]
     if unknown:
         parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(sum(KINDS.values(), ()))}")
+    try:
+        preserve = parse_preserve(args.preserve, targets)
+    except ValueError as e:
+        parser.error(str(e))
     args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(range(start, end), args.out, args.backbone)
     window = tuple(float(x) for x in args.window.split(","))
     rows: list[dict] = []
-    md: list[str] = [f"# Erasure on the shapes-world model ({args.backbone})\n\nseeds {start}:{end} per prompted word (sweep: {args.sweep_seeds}), "
+    md: list[str] = [f"# Erasure on the shapes-world model ({args.backbone})\n\nseeds {start}:{end} per prompted word ({'no sweep' if args.no_sweep else 'sweep: ' + args.sweep_seeds}), "
                      f"{STEPS} DDIM steps, guidance {GUIDANCE}, command: `python benchmarks/erasure.py {' '.join(argv or sys.argv[1:])}`\n"]
+    if preserve:
+        md.append("anchors: " + "; ".join(f"{t}: {', '.join(a)}" for t, a in preserve.items()) + f" (by {', '.join(mechanisms)})\n")
     t0 = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -255,29 +383,44 @@ def main(argv: list[str] | None = None) -> int:
     md.append("## Scale and window sweep\n\nremoval = on prompts naming the target (word and synonyms); "
               "changed = share of other prompts' images with any attribute changed; null = the same for "
               f"the meaningless concept {NULL_CONCEPT!r} at that scale and window.\n")
-    md.append("| target | window | scale | removal | changed | null changed |\n|---|---|---|---|---|---|")
+    md.append("anchors = the --preserve mechanism (- = none); anchor removal = removal on prompts naming the "
+              "target's anchors (any of their words).\n")
+    md.append("| target | window | scale | anchors | removal | anchor removal | changed | null changed |\n|---|---|---|---|---|---|---|---|")
     best_scale: dict[str, float] = {}
     for target in targets:
         cols = columns_for(kind_of(target))
         own = [c for c in cols if c.attribute == target]
         other = [c for c in cols if c.attribute != target and not c.held_out]
+        anchors = preserve.get(target, [])
+        spared = anchor_columns(target, anchors)
+        if args.no_sweep:
+            best_scale[target] = args.scale
+            continue
         saved = bench.seeds
         bench.seeds = sweep_seeds
         candidates = []
         for w in args.sweep_windows.split(","):
             win = tuple(float(x) for x in w.split("-"))
             for s in (float(x) for x in args.sweep_scales.split(",")):
-                removal = bench.removal(gie([target], s, win), own)
-                rate = _pooled(removal)
-                _, changed, _ = bench.preservation(gie([target], s, win), other, {target})
                 _, null_changed, _ = bench.preservation(gie([NULL_CONCEPT], s, win), other, {target})
-                md.append(f"| {target} | {win[0]:g}-{win[1]:g} | {s:g} | {rate:.2f} | {changed:.2f} | {null_changed:.2f} |")
-                rows.append(dict(method="gie-sweep", target=target, prompt_word=target, prompt_attribute=target, scale=s,
-                                 window=list(win), removal_rate=rate, images=sum(n for _, n in removal.values()),
-                                 changed_other=changed, null_changed_other=null_changed))
-                if win == window:
-                    candidates.append((rate, -changed, s))
-                log(f"sweep {target} {win} w={s}: removal {rate:.2f} changed {changed:.2f} null {null_changed:.2f}")
+                for mech in [None] + (mechanisms if anchors else []):
+                    method = gie([target], s, win, anchors if mech else (), mech)
+                    removal = bench.removal(method, own)
+                    rate = _pooled(removal)
+                    anchor_rate = _pooled(bench.removal(method, spared)) if spared else float("nan")
+                    _, changed, _ = bench.preservation(method, other, {target})
+                    md.append(f"| {target} | {win[0]:g}-{win[1]:g} | {s:g} | {mech or '-'} | {rate:.2f} | "
+                              f"{'-' if not spared else f'{anchor_rate:.2f}'} | {changed:.2f} | {null_changed:.2f} |")
+                    rows.append(dict(method="gie-sweep" + (f" +anchors({mech})" if mech else ""), target=target,
+                                     prompt_word=target, prompt_attribute=target, scale=s, window=list(win),
+                                     removal_rate=rate, images=sum(n for _, n in removal.values()),
+                                     anchors=anchors if mech else [], preserve_by=mech,
+                                     anchor_removal=anchor_rate if spared else None,
+                                     changed_other=changed, null_changed_other=null_changed))
+                    if win == window and mech is None:
+                        candidates.append((rate, -changed, s))
+                    log(f"sweep {target} {win} w={s} anchors={mech}: removal {rate:.2f} anchors "
+                        f"{anchor_rate:.2f} changed {changed:.2f} null {null_changed:.2f}")
         bench.seeds = saved
         # the default: the smallest scale reaching the best removal within 0.05
         top = max(r for r, _, _ in candidates)
@@ -285,9 +428,26 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. the paper's Table 2 analogue per target: removal by prompted word, GIE and baselines
     for target in [] if args.sweep_only else targets:
+        anchors = preserve.get(target, [])
+        spared = anchor_columns(target, anchors)
+        anchor_attrs = {c.attribute for c in spared}
         cols = columns_for(kind_of(target))
+        cols += [c for c in spared if c not in cols]  # anchors of another kind get their own columns
         scale = best_scale[target]
-        methods = {f"GIE w={scale:g}": gie([target], scale, window)}
+        reference = f"GIE w={scale:g}"
+        methods = {reference: gie([target], scale, window)}
+        gated: dict[str, str] = {}  # gated row -> the row it gates (same settings, no gate)
+        for mech in mechanisms if anchors else []:
+            methods[f"{reference} +anchors({mech})"] = gie([target], scale, window, anchors, mech)
+        if gate_spec:
+            methods[reference + gate_label] = gie([target], scale, window, gate=gate_spec)
+            gated[reference + gate_label] = reference
+            if anchors and args.gate_with_anchors:
+                mech = args.gate_with_anchors
+                label = f"{reference} +anchors({mech}){gate_label}"
+                methods[label] = gie([target], scale, window, anchors, mech, gate_spec)
+                gated[label] = f"{reference} +anchors({mech})"
+                methods.setdefault(gated[label], gie([target], scale, window, anchors, mech))
         if not args.no_baselines:
             methods["SD+NEG"] = f"neg:{target}"
             if args.backbone == "unet":
@@ -296,8 +456,9 @@ def main(argv: list[str] | None = None) -> int:
                   "(held-out synonyms marked *); n = seeds whose unguarded image has the prompted attribute\n")
         md.append("| method | " + " | ".join(c.word + ("*" if c.held_out else "") for c in cols) + " |")
         md.append("|---|" + "---|" * len(cols))
+        removals: dict[str, dict[Column, tuple[float, int]]] = {}
         for label, method in methods.items():
-            removal = bench.removal(method, cols)
+            removal = removals[label] = bench.removal(method, cols)
             md.append(f"| {label} | " + " | ".join(f"{r:.2f} (n={n})" for r, n in removal.values()) + " |")
             for c, (r, n) in removal.items():
                 rows.append(dict(method=label, target=target, prompt_word=c.word, prompt_attribute=c.attribute,
@@ -305,13 +466,41 @@ def main(argv: list[str] | None = None) -> int:
             log(f"table {target} {label} done")
         # preservation on prompts that never name the target, with the null control
         others = [c for k in KINDS for c in columns_for(k) if not c.held_out and c.attribute != target]
+        kept_by: dict[str, float] = {}
+        null_label = f"null {NULL_CONCEPT!r} w={scale:g}"
+        saved = bench.seeds
+        if args.preservation_seeds:
+            bench.seeds = range(*(int(x) for x in args.preservation_seeds.split(":")))
+            md.append(f"\nattributes kept: seeds {args.preservation_seeds}")
         md.append("\n| method | attributes kept | any attribute changed | Frechet (detector logits) |\n|---|---|---|---|")
-        for label, method in {**methods, f"null {NULL_CONCEPT!r} w={scale:g}": gie([NULL_CONCEPT], scale, window)}.items():
+        for label, method in {**methods, null_label: gie([NULL_CONCEPT], scale, window)}.items():
             kept, changed, fd = bench.preservation(method, others, {target})
+            kept_by[label] = kept
             md.append(f"| {label} | {kept:.3f} | {changed:.3f} | {fd:.3f} |")
             rows.append(dict(method=label, target=target, prompt_word="(other kinds)", prompt_attribute=None,
                              removal_rate=None, images=len(others) * len(bench.seeds), kept=kept, changed=changed, frechet=fd))
+        bench.seeds = saved
         log(f"preservation {target} done")
+        # the issue's bar, per method
+        md.append(f"\nThe bar (removal >= 0.95 on every word of {target!r}; <= 0.05 on the anchors' words "
+                  f"({', '.join(anchors) or 'none given'}); <= 0.10 on every other word; attributes kept >= the "
+                  f"null floor {kept_by[null_label]:.3f} - 0.02). Worst word shown, n = eligible seeds.\n")
+        md.append("| method | min on target words | max on anchors | max on other words | kept - null | met |\n|---|---|---|---|---|---|")
+        for label in methods:
+            check = bar_check(removals[label], target, anchor_attrs, kept_by[label], kept_by[null_label])
+            marks = {k: "" if v else " ✗" for k, v in check["ok"].items()}
+            md.append(f"| {label} | {_fmt_worst(check['min_target'])}{marks['target']} | {_fmt_worst(check['max_anchor'])}"
+                      f"{marks['anchors']} | {_fmt_worst(check['max_other'])}{marks['other']} | "
+                      f"{check['kept'] - check['null_kept']:+.3f}{marks['kept']} | {'yes' if check['met'] else 'no'} |")
+            rows.append(dict(method=label, target=target, prompt_word="(bar)", anchors=anchors, **check))
+        # presence gating: what the gate measured, and thresholds simulated from it
+        for label, ungated in gated.items():
+            section_rows = presence_tables(bench, methods[label], methods[ungated], label, target, cols, others,
+                                           anchor_attrs, args, md, kept_by[null_label],
+                                           range(*(int(x) for x in args.preservation_seeds.split(":")))
+                                           if args.preservation_seeds else bench.seeds)
+            rows += [dict(r, method=label, target=target) for r in section_rows]
+            log(f"presence {target} {label} done")
 
     # 3. several concepts at once: a shape with a style (the paper's object + style), then four
     groups = []
@@ -321,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         groups.append([shapes[0], styles[0]])
     if len(targets) >= 4:
         groups.append(targets[:4])
-    if args.sweep_only:
+    if args.sweep_only or args.no_multi:
         groups = []
     if groups:
         shown = sorted({t for g in groups for t in g}, key=targets.index)
@@ -343,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                                      removal_rate=r, images=None, kept_elsewhere=kept, scale=scale, window=list(window)))
             log(f"multi {group} done")
 
+    md[0] += (f"\nwall {(time.perf_counter() - t0) / 60:.1f} min, {time.strftime('%Y-%m-%d')}, machine: {args.machine}, "
+              f"{args.threads} torch thread(s)\n")
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     (args.out / "results.md").write_text("\n".join(md) + "\n")
     if not args.sweep_only:
@@ -351,6 +542,109 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(md))
     log(f"wrote {args.out}/results.json, results.md, grid.png")
     return 0
+
+
+def presence_tables(bench: Bench, method: str, ungated: str, label: str, target: str, cols: list[Column],
+                    others: list[Column], anchor_attrs: set[str], args, md: list[str], null_kept: float,
+                    others_seeds: range) -> list[dict]:
+    """The presence the gate measured per image (first concept), by what the prompt names; in
+    gate mode, the bar at other thresholds simulated from it: an open gate's image is the ungated
+    row's image, a closed gate's the unguarded image (checked at the run's own threshold).
+    ``cols`` at the benchmark's seeds, ``others`` (the attributes-kept prompts) at ``others_seeds``."""
+    saved = bench.seeds
+
+    def at(seeds: range, columns: list[Column], m: str) -> dict[Column, np.ndarray]:
+        bench.seeds = seeds
+        try:
+            return bench.images(m, columns)
+        finally:
+            bench.seeds = saved
+
+    def presence_at(seeds: range, columns: list[Column]) -> dict[Column, np.ndarray]:
+        at(seeds, columns, method)
+        return {c: bench.presence[(method, c, tuple(seeds))][:, 0] for c in columns}
+
+    parts = [(saved, cols), (others_seeds, [c for c in others if c not in cols])]
+    groups: dict[str, list[float]] = {}
+    for seeds, columns in parts:
+        for c, values in presence_at(seeds, columns).items():
+            for i, seed in enumerate(seeds):
+                if target in c.attributes(seed).values():
+                    group = ("names the target: held-out synonym" if c.held_out and c.attribute == target
+                             else "names the target: word or synonym")
+                elif c.attribute in anchor_attrs:
+                    group = "names an anchor (not the target)"
+                elif kind_of(c.attribute) == kind_of(target):
+                    group = "other words of the target's kind"
+                else:
+                    group = "other kinds' prompts (no target)"
+                groups.setdefault(group, []).append(float(values[i]))
+    md.append(f"\nPresence measured by `{label}` (share of the first step's attention on {target!r}'s own tokens, "
+              "mean over sites), per image:\n")
+    md.append("| prompts | images | min | median | max | gate open |\n|---|---|---|---|---|---|")
+    out = []
+    order = ["names the target: word or synonym", "names the target: held-out synonym", "names an anchor (not the target)",
+             "other words of the target's kind", "other kinds' prompts (no target)"]
+    for group in [g for g in order if g in groups]:
+        v = np.array(groups[group])
+        md.append(f"| {group} | {len(v)} | {v.min():.4f} | {np.median(v):.4f} | {v.max():.4f} | {(v >= args.gate).mean():.2f} |")
+        out.append(dict(prompt_word=f"(presence: {group})", images=len(v), presence_min=float(v.min()),
+                        presence_median=float(np.median(v)), presence_max=float(v.max()),
+                        gate_open=float((v >= args.gate).mean()), presence=[round(float(x), 6) for x in v]))
+    if args.gate_mode != "gate":
+        return out
+    # thresholds simulated from the presence: open = the ungated row's image, closed = the unguarded image
+    thresholds = ([float(x) for x in args.gate_sweep.split(",")] if args.gate_sweep
+                  else [args.gate * f for f in (0.25, 0.5, 0.75, 1, 1.5, 2, 3)])
+    found: dict[tuple[str, Column, tuple[int, ...]], list[set[str]]] = {}
+    pres: dict[tuple[Column, tuple[int, ...]], np.ndarray] = {}
+    diff, mismatch, checked = [], 0, 0
+    for seeds, columns in [(saved, cols), (others_seeds, others)]:
+        plain, ref, real = at(seeds, columns, "none"), at(seeds, columns, ungated), at(seeds, columns, method)
+        for c, p in presence_at(seeds, columns).items():
+            key = tuple(seeds)
+            pres[(c, key)] = p
+            found[("none", c, key)] = bench.found(plain[c])
+            found[("ref", c, key)] = bench.found(ref[c])
+            real_found = bench.found(real[c])
+            for i in range(len(seeds)):  # the simulation's premise, at the run's own threshold
+                sim = ref[c][i] if p[i] >= args.gate else plain[c][i]
+                diff.append(int(np.abs(real[c][i].astype(int) - sim.astype(int)).max()))
+                sim_found = found[("ref" if p[i] >= args.gate else "none", c, key)][i]
+                mismatch += int(real_found[i] != sim_found)
+                checked += 1
+    md.append(f"\nThresholds simulated from that presence (open: the ungated row's image; closed: the unguarded image). "
+              f"Check at the run's threshold {args.gate:g}: of {checked} real gated images, {sum(d > 0 for d in diff)} "
+              f"differ from the simulated one in any pixel (largest difference {max(diff)} of 255 levels; batches of "
+              f"another make-up round differently) and {mismatch} in the attributes the detector finds.\n")
+    md.append("| threshold | min on target words | max on anchors | max on other words | kept - null | met |\n|---|---|---|---|---|---|")
+    n_full, n_other = tuple(saved), tuple(others_seeds)
+    for t in thresholds:
+        def after(c: Column, key: tuple[int, ...]) -> list[set[str]]:
+            return [found[("ref" if pres[(c, key)][i] >= t else "none", c, key)][i] for i in range(len(key))]
+        removal = {}
+        for c in cols:
+            before, now = found[("none", c, n_full)], after(c, n_full)
+            had = [i for i, f in enumerate(before) if c.attribute in f]
+            gone = [i for i in had if c.attribute not in now[i]]
+            removal[c] = (len(gone) / len(had) if had else float("nan"), len(had))
+        kept_num = kept_den = 0
+        for c in others:
+            before, now = found[("none", c, n_other)], after(c, n_other)
+            for i, seed in enumerate(others_seeds):
+                if target not in c.attributes(seed).values():
+                    kept_num += len(before[i] & now[i])
+                    kept_den += len(before[i])
+        kept = kept_num / max(1, kept_den)
+        check = bar_check(removal, target, anchor_attrs, kept, null_kept)
+        marks = {k: "" if v else " ✗" for k, v in check["ok"].items()}
+        md.append(f"| {t:.4g} | {_fmt_worst(check['min_target'])}{marks['target']} | {_fmt_worst(check['max_anchor'])}"
+                  f"{marks['anchors']} | {_fmt_worst(check['max_other'])}{marks['other']} | "
+                  f"{kept - null_kept:+.3f}{marks['kept']} | {'yes' if check['met'] else 'no'} |")
+        out.append(dict(prompt_word="(simulated gate)", threshold=t, simulated=True, **check))
+    out.append(dict(prompt_word="(gate simulation check)", threshold=args.gate, images=checked,
+                    pixel_differences=sum(d > 0 for d in diff), largest_difference=max(diff), detector_differences=mismatch))
+    return out
 
 
 def _pooled(removal: dict[Column, tuple[float, int]]) -> float:

@@ -1,6 +1,7 @@
 """Load test of the guarded image service on Ray Serve, on loopback, with a policy swap.
 
     python benchmarks/serve_load.py --replicas 2 --requests 200 --concurrency 8 --out DIR
+    python benchmarks/serve_load.py --smoke --out DIR     # one replica, tiny model, 6 requests: seconds (CI)
 
 Starts a local Ray cluster and a Serve deployment of gie_guard.serving (the shapes-world
 model by default) on 127.0.0.1, sends ``--requests`` requests with ``--concurrency`` in
@@ -50,26 +51,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 PROMPTS = ("a red circle", "a blue square", "a green star", "a yellow triangle", "a purple cross",
            "a striped red circle", "a dotted blue star", "a plain green square")
 
-POLICY_A = """\
+_POLICY = """\
 name: serve-load
-version: "1"
-description: policy before the swap (benchmarks/serve_load.py)
+version: "{version}"
+description: policy {when} the swap (benchmarks/serve_load.py)
 dedup_threshold: 0.0
 inhibit_steps: [0.0, 0.8]
 concepts:
-  - {id: circle, text: circle, scale: 1.5}
+  - {{id: circle, text: circle, scale: 1.5}}
 """
-
-POLICY_B = """\
-name: serve-load
-version: "2"
-description: policy after the swap (benchmarks/serve_load.py)
-dedup_threshold: 0.0
-inhibit_steps: [0.0, 0.8]
-concepts:
-  - {id: circle, text: circle, scale: 1.5}
-  - {id: star, text: star, scale: 1.0}
-"""
+POLICY_A = _POLICY.format(version="1", when="before")
+POLICY_B = _POLICY.format(version="2", when="after") + "  - {id: star, text: star, scale: 1.0}\n"
 
 
 @dataclass
@@ -517,7 +509,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="guarded and unguarded loads alternate in this many rounds")
     parser.add_argument("--swap", choices=("configmap", "rename"), default="configmap",
                         help="replace the policy as the kubelet updates a ConfigMap volume (default) or by one rename")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one replica, the tiny model, 6 requests of 2 steps, no unguarded baseline: checks it runs, "
+                             "measures nothing")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.replicas, args.requests, args.concurrency, args.model, args.steps, args.rounds = 1, 6, 3, "tiny", 2, 1
+        args.no_unguarded = True  # one deployment: Ray's start-up is most of the time
     if min(args.replicas, args.requests, args.concurrency, args.steps) < 1:
         parser.error("--replicas, --requests, --concurrency and --steps must be at least 1")
     results = run(LoadConfig(

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .serving import start_metrics_server
     from .verifiers import Verifier
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .engine import guarded_call, observing
-from .errors import ConceptError
+from .errors import ConceptError, ConfigurationError
 
 __all__ = ["Explanation", "concept_recorder", "explain", "record_concept_maps", "render_figure"]
 
@@ -66,12 +66,18 @@ class _Recorder:
         ``AppliedConcept.attention_per_layer``)."""
         return {name: float(m.mean()) for name, m in self.maps[step].items()}
 
-    def stacked(self, resolution: int | None = None) -> np.ndarray:
+    def site_names(self) -> list[str]:
+        """The recorded sites, in the order the engine first ran them."""
+        return list(dict.fromkeys(name for per_step in self.maps.values() for name in per_step))
+
+    def stacked(self, resolution: int | None = None, sites: Sequence[str] | None = None) -> np.ndarray:
         """(steps, h, w): per step, the mean over the sites with ``resolution`` positions
-        (default: the most)."""
+        (default: the most), or over ``sites`` only (names as recorded, e.g.
+        ``transformer_blocks.1.attn``, or their prefixes: ``transformer_blocks.1``)."""
         if not self.maps:
             raise RuntimeError("no attention site was recorded")
-        sizes = sorted({m.shape[0] for per_step in self.maps.values() for m in per_step.values()})
+        chosen = self.select(sites)
+        sizes = sorted({m.shape[0] for per_step in self.maps.values() for name, m in per_step.items() if name in chosen})
         n = resolution if resolution is not None else sizes[-1]
         if n not in sizes:
             raise ValueError(f"no attention site has {n} positions (have {sizes})")
@@ -79,9 +85,23 @@ class _Recorder:
         w = n // h
         out = []
         for step in sorted(self.maps):
-            layers = [m for m in self.maps[step].values() if m.shape[0] == n]
+            layers = [m for name, m in self.maps[step].items() if m.shape[0] == n and name in chosen]
             out.append(torch.stack(layers).mean(0)[: h * w].view(h, w).numpy())
         return np.stack(out)
+
+    def select(self, sites: Sequence[str] | None) -> set[str]:
+        """The recorded site names that ``sites`` names (all of them for None); a name that
+        matches no site is an error that lists the sites."""
+        names = self.site_names()
+        if sites is None:
+            return set(names)
+        chosen: set[str] = set()
+        for want in sites:
+            hits = [n for n in names if n == want or n.startswith(want + ".")]
+            if not hits:
+                raise ConfigurationError(f"no attention site named {want!r} (sites: {', '.join(names)})")
+            chosen.update(hits)
+        return chosen
 
 
 def _concept_row(plan: Any, concept_id: str) -> int:
@@ -102,10 +122,12 @@ def concept_recorder(pipe: Any, guard: Any, concept_id: str, **call: Any) -> Ite
 
 
 def record_concept_maps(
-    pipe: Any, guard: Any, concept_id: str, call: dict[str, Any], *, guarded: bool, resolution: int | None = None
+    pipe: Any, guard: Any, concept_id: str, call: dict[str, Any], *, guarded: bool, resolution: int | None = None,
+    sites: Sequence[str] | None = None,
 ) -> tuple[Any, np.ndarray]:
     """Run ``pipe(**call)`` (through ``guard`` when ``guarded``, else with nothing inhibited)
-    and record ``concept_id``'s maps over the steps: (the pipeline output, maps (steps, h, w))."""
+    and record ``concept_id``'s maps over the steps: (the pipeline output, maps (steps, h, w)),
+    averaged over ``sites`` (default: every site of the highest resolution)."""
     plan = guard.plan_for(pipe, **call)
     recorder = _Recorder(_concept_row(plan, concept_id), _aspect(call))
     if guarded:
@@ -114,7 +136,7 @@ def record_concept_maps(
     else:
         with guarded_call(pipe, plan, observers=[recorder], inhibit=False):
             output = pipe(**call)
-    return output, recorder.stacked(resolution)
+    return output, recorder.stacked(resolution, sites)
 
 
 def _aspect(call: dict[str, Any]) -> float:
@@ -132,10 +154,14 @@ def explain(
     steps: int = 20,
     columns: int = 8,
     resolution: int | None = None,
+    sites: Sequence[str] | None = None,
     **call: Any,
 ) -> Explanation:
     """Generate ``prompt`` unguarded and guarded with the same seed, record ``concept``'s
-    maps (default: the policy's first concept) in both, and draw the figure."""
+    maps (default: the policy's first concept) in both, and draw the figure. ``sites``: the
+    attention sites to average (names or prefixes as the engine reports them, e.g.
+    ``transformer_blocks.1`` of an SD3 transformer); default: every site of the highest
+    resolution (all blocks of a transformer, whose blocks differ a lot: docs/shapes.md)."""
     plan = guard.plan_for(pipe, **call)
     if not plan.concepts:
         raise ConceptError("the policy has no concept to explain")
@@ -145,12 +171,14 @@ def explain(
     maps = []
     for guarded in (False, True):
         kwargs = dict(prompt=prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), **call)
-        output, recorded = record_concept_maps(pipe, guard, concept_id, kwargs, guarded=guarded, resolution=resolution)
+        output, recorded = record_concept_maps(pipe, guard, concept_id, kwargs, guarded=guarded, resolution=resolution,
+                                               sites=sites)
         images.append(_first_image(output))
         maps.append(recorded)
     figure = render_figure(images[0], images[1], maps[0], maps[1], columns=columns,
                            title=f"{_short(prompt)!r}: concept {concept_id!r} (scale {scale:g}), policy "
-                                 f"{guard.policy.name!r}, seed {seed}")
+                                 f"{guard.policy.name!r}, seed {seed}"
+                                 + (f", sites {_short(', '.join(sites), 80)}" if sites else ""))
     return Explanation(concept_id, scale, prompt, seed, images[0], images[1], maps[0], maps[1], figure)
 
 
@@ -176,7 +204,8 @@ def _colour(values: np.ndarray) -> np.ndarray:
     x = np.clip(values, 0.0, 1.0) * (len(_ANCHORS) - 1)
     lo = np.floor(x).astype(int).clip(0, len(_ANCHORS) - 2)
     t = (x - lo)[..., None]
-    return ((1 - t) * _ANCHORS[lo] + t * _ANCHORS[lo + 1]).round().astype(np.uint8)
+    rgb: np.ndarray = ((1 - t) * _ANCHORS[lo] + t * _ANCHORS[lo + 1]).round().astype(np.uint8)
+    return rgb
 
 
 def render_figure(
@@ -211,9 +240,9 @@ def render_figure(
     for r, (label, image, maps) in enumerate((("unguarded", before, maps_before), ("guarded", after, maps_after))):
         y = head_h + r * (cell + pad)
         draw.text((pad, y + cell // 2 - 6), label, fill="black", font=font)
-        fig.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (label_w, y))
+        fig.paste(image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (label_w, y))
         for j, step in enumerate(picks):
-            tile = Image.fromarray(_colour((maps[step] - low) / span)).resize((cell, cell), Image.BILINEAR)
+            tile = Image.fromarray(_colour((maps[step] - low) / span)).resize((cell, cell), Image.Resampling.BILINEAR)
             fig.paste(tile, (x0 + j * (cell + pad), y))
     draw.text((pad, height - foot_h + 2), f"concept attention share per pixel, one colour scale: {low:.3g} (dark) to {top:.3g} (bright)",
               fill="black", font=font)

@@ -12,7 +12,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from .adapters import AdapterLibrary, AdapterScales, AutoChoice, Fingerprint, check_feature_pass
 from .engine import CallRecord, ConceptSpec, Plan, PresenceGate, StepWindow, compile_plan, family_for, guarded_call
@@ -31,10 +31,11 @@ _SINKS = (None, "own", "prompt", "image")
 def _unguarded_call(pipe: Any) -> Callable[..., Any]:
     """The pipeline's own ``__call__``, also while a guard is attached to it."""
     base = getattr(type(pipe), "_gie_guard_base", type(pipe))
-    return base.__call__.__get__(pipe)
+    call: Callable[..., Any] = base.__call__.__get__(pipe)
+    return call
 
 
-def _encoder_state(pipe: Any, kwargs: Mapping[str, Any]) -> tuple:
+def _encoder_state(pipe: Any, kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
     """What changes concept encodings between calls: text-encoder weights (LoRA loaded or
     fused, adapters switched: parameter identities and in-place versions), a LoRA scale
     passed to this call, and tokens added to a tokenizer (textual inversion)."""
@@ -85,9 +86,9 @@ class Guard:
     names extra folders, files or adapter objects; ``feature_pass`` is ``"auto"``,
     ``"probe"`` or ``"reuse"``. ``sink`` overrides what competes with a concept in its
     attention map, ``text_states`` and ``carry`` how a joint-attention family carries the
-    concept's tokens (docs/families.md; the defaults are the measured choices). ``controlnet``:
-    ``"inhibit"`` (default) puts the inhibitors into a ControlNet's own cross-attention too,
-    ``"skip"`` leaves the ControlNet as it is.
+    concept's tokens (docs/families.md; the defaults are the measured choices). ``preserve``
+    (``compete``, ``project``, ``both``) and ``controlnet`` (``inhibit``, ``skip``) override the
+    policy's ``preserve_by`` and ``controlnet`` keys (docs/policies.md) when given.
 
     Metrics go to ``metrics`` (a :class:`GuardMetrics`; default: the one on prometheus'
     global registry). ``verifiers`` adds or replaces verifiers by name for the policy's
@@ -99,7 +100,7 @@ class Guard:
         self,
         policy: Any = "nsfw",
         *,
-        watch: bool = False,
+        watch: bool | Literal["poll"] = False,
         embedder: Any = None,
         on_report: Callable[[GuardReport], None] | None = None,
         registry: Any = None,
@@ -112,25 +113,32 @@ class Guard:
         text_states: str = "ride-along",
         carry: str = "own",
         preserve: str | None = None,
-        controlnet: str = "inhibit",
+        controlnet: str | None = None,
         name: str | None = None,
     ) -> None:
         install_log_filters()
         if sink not in _SINKS:
             raise ConfigurationError(f"sink must be one of own, prompt, image (or None), got {sink!r}")
+        for key, value, allowed in (("preserve", preserve, (None, "compete", "project", "both")),
+                                    ("controlnet", controlnet, (None, "inhibit", "skip")),
+                                    ("text_states", text_states, ("ride-along", "static")),
+                                    ("carry", carry, ("own", "all"))):
+            if value not in allowed:
+                raise ConfigurationError(f"{key} must be one of {', '.join(str(a) for a in allowed if a)}, got {value!r}")
         if on_report is not None and not callable(on_report):
             raise ConfigurationError("on_report must be callable")
         self._sink = sink
         # measured choices of the engine (docs/families.md, docs/precision.md)
-        self._engine_options = {"text_states": text_states, "carry": carry, "controlnet": controlnet}
+        self._engine_options = {"text_states": text_states, "carry": carry}
         self._preserve = preserve  # None: the policy's preserve_by
+        self._controlnet = controlnet  # None: the policy's controlnet
         self._adapters = adapters if isinstance(adapters, AdapterLibrary) else AdapterLibrary(adapters)
         self._feature_pass = check_feature_pass(feature_pass)
         self._verifiers = {**default_verifiers(), **(verifiers or {})}
         self._on_report = on_report
         self._local = threading.local()
         # compiled plans per pipeline, keyed by what they depend on
-        self._plans: weakref.WeakKeyDictionary[Any, dict[tuple, Plan]] = weakref.WeakKeyDictionary()
+        self._plans: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], Plan]] = weakref.WeakKeyDictionary()
         self._auto_choices: weakref.WeakKeyDictionary[Plan, tuple[AutoChoice, ...]] = weakref.WeakKeyDictionary()
         self._plans_lock = threading.Lock()
         self._served: weakref.WeakSet[Any] = weakref.WeakSet()  # pipelines a reload must compile for
@@ -260,6 +268,7 @@ class Guard:
         specs, choices = self._concept_specs(snapshot, pipe)
         plan = compile_plan(pipe, specs, self._window(snapshot), options=options, family=family, sink=self._sink,  # type: ignore[arg-type]
                             preserve=self._preserve or snapshot.policy.preserve_by,  # type: ignore[arg-type]
+                            controlnet=self._controlnet or snapshot.policy.controlnet,  # type: ignore[arg-type]
                             **self._engine_options)  # type: ignore[arg-type]
         with self._plans_lock:
             self._auto_choices[plan] = choices
@@ -270,7 +279,7 @@ class Guard:
             plans[key] = plan
         return plan, plan.compile_seconds
 
-    def _guarded_call(self, pipe: Any, args: tuple, kwargs: dict) -> GuardedOutput:
+    def _guarded_call(self, pipe: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> GuardedOutput:
         install_log_filters()  # loggers diffusers created since the last call (one len() otherwise)
         snapshot = self._store.current  # read once: a call never mixes two policies
         attached = getattr(type(pipe), "_gie_guard", None)
@@ -291,19 +300,20 @@ class Guard:
                 logger.exception("on_report callback %r failed; the guarded output is returned", self._on_report)
         return result
 
-    def _run(self, snapshot: PolicySnapshot, pipe: Any, args: tuple, kwargs: dict, generation: Any) -> GuardedOutput:
+    def _run(self, snapshot: PolicySnapshot, pipe: Any, args: tuple[Any, ...], kwargs: dict[str, Any], generation: Any) -> GuardedOutput:
         started = time.perf_counter()
         plan, compile_seconds = self._plan(pipe, snapshot, kwargs)
         self._served.add(pipe)
         choices = self._auto_choices.get(plan, ())
         source: Any = AdapterScales(plan, choices, self._feature_pass) if choices and not plan.is_empty else None
         adapters = source
-        gated = [snapshot.concept(spec.id).presence for spec in plan.concepts]
+        presence = {c.id: c.presence for c in snapshot.concepts}  # O(C): plans may hold 1,000 concepts
+        gated = [presence[spec.id] for spec in plan.concepts]
         gate: PresenceGate | None = None
         if not plan.is_empty and any(p.mode != "off" for p in gated):
             # concepts not gated keep factor 1 whatever mode is listed for them
             gate = source = PresenceGate(plan, [p.threshold if p.mode != "off" else None for p in gated],
-                                         mode=[p.mode if p.mode != "off" else "gate" for p in gated],  # type: ignore[misc]
+                                         mode=[p.mode if p.mode != "off" else "gate" for p in gated],
                                          base=adapters)
         with guarded_call(pipe, plan, scale_source=source) as record:
             output = _unguarded_call(pipe)(*args, **kwargs)
@@ -425,7 +435,8 @@ class GuardedPipeline:
 
     @property
     def guard(self) -> Guard:
-        return self._guard
+        guard: Guard = self._guard
+        return guard
 
     @property
     def pipeline(self) -> Any:
@@ -435,7 +446,8 @@ class GuardedPipeline:
         return self._guard(self._pipe, *args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> GuardedOutput:
-        return self._guard.generate(self._pipe, *args, **kwargs)
+        guard: Guard = self._guard
+        return guard.generate(self._pipe, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._pipe, name)

@@ -101,9 +101,9 @@ def install_log_filters() -> None:
             _add_filter(root)
             for handler in root.handlers:
                 _add_filter(handler)
-        for name, logger in list(loggers.items()):
-            if isinstance(logger, logging.Logger) and name.startswith(prefixes):
-                _add_filter(logger)
+        for name, entry in list(loggers.items()):  # Loggers and PlaceHolders
+            if isinstance(entry, logging.Logger) and name.startswith(prefixes):
+                _add_filter(entry)
         _seen = len(loggers)
 
 

@@ -117,7 +117,7 @@ class Verification:
 
 def verify_settings(snapshot: PolicySnapshot) -> dict[str, Verify]:
     """Policy concept id -> its ``verify`` settings, for enabled concepts that have them."""
-    return {c.id: c.verify for c in snapshot.policy.concepts if c.enabled and getattr(c, "verify", None) is not None}
+    return {c.id: c.verify for c in snapshot.policy.concepts if c.enabled and c.verify is not None}
 
 
 def check_verifiers(snapshot: PolicySnapshot, verifiers: Mapping[str, Verifier]) -> None:

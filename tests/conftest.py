@@ -33,3 +33,14 @@ def sdxl_pipe():
     from gie_guard.testing import tiny_sdxl_pipeline
 
     return tiny_sdxl_pipeline()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests, restored after (``pytestmark =
+    pytest.mark.usefixtures("one_torch_thread")``): on a busy 2-core machine two threads
+    spin-wait on each other (10-40x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -98,3 +98,18 @@ def test_explain_errors_never_print_a_traceback_from_the_console(tmp_path):
                               capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert done.returncode == 1, done.stderr
         assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+
+
+def test_policy_check_and_explain_reach_includes_in_named_roots(tmp_path, capsys):
+    from gie_guard.cli import main
+
+    shared, mine = tmp_path / "shared", tmp_path / "mine"
+    shared.mkdir()
+    mine.mkdir()
+    (shared / "base.yaml").write_text("name: base\nconcepts:\n  - {id: gun, text: gun, scale: 2.0}\n")
+    (mine / "top.yaml").write_text("name: top\ndedup_threshold: 0\ninclude: [../shared/base.yaml]\n")
+    assert main(["policy", "check", str(mine / "top.yaml")]) == 1
+    assert "outside the folders policies may include from" in capsys.readouterr().err
+    assert main(["policy", "check", str(mine / "top.yaml"), "--root", str(shared)]) == 0
+    assert main(["policy", "explain", str(mine / "top.yaml"), "--root", str(shared)]) == 0
+    assert "gun" in capsys.readouterr().out

@@ -61,15 +61,22 @@ def test_engine_matches_literal_equation_8(sd_pipe, concepts, long_prompt):
         assert (got[2:] - plain[2:]).abs().max() > 1e-3  # the inhibitor really changed the prompt rows
 
 
-def test_unconditional_rows_untouched(sd_pipe):
-    text, _ = _prompt_embeds(sd_pipe, ["a photo of a beach", "a cat"])
-    plan = compile_plan(sd_pipe, [ConceptSpec("c", "cat", 5.0)], StepWindow(0.0, 1.0))
-    _, attn = _site(sd_pipe, 3)
-    hidden = torch.randn(4, 16, attn.to_q.in_features)
+def _plain_and_guarded(pipe, text, concept, site, rows):
+    """One cross-attention layer's output on random queries, as it is and with the engine
+    inhibiting ``concept`` (scale 5) in ``rows``."""
+    plan = compile_plan(pipe, [ConceptSpec("c", concept, 5.0)], StepWindow(0.0, 1.0))
+    _, attn = _site(pipe, site)
+    hidden = torch.randn(text.shape[0], 16, attn.to_q.in_features)
     with torch.no_grad():
         plain = attn(hidden, encoder_hidden_states=text)
-        with engine_layer(sd_pipe, plan, rows=[2, 3]):
+        with engine_layer(pipe, plan, rows=rows):
             got = attn(hidden, encoder_hidden_states=text)
+    return plain, got
+
+
+def test_unconditional_rows_untouched(sd_pipe):
+    text, _ = _prompt_embeds(sd_pipe, ["a photo of a beach", "a cat"])
+    plain, got = _plain_and_guarded(sd_pipe, text, "cat", 3, rows=[2, 3])
     assert torch.equal(got[:2], plain[:2])
     assert (got[2:] - plain[2:]).abs().max() > 1e-3
 
@@ -78,13 +85,7 @@ def test_rows_need_not_be_contiguous(sd_pipe):
     """PAG and other layouts put prompt rows anywhere: rows 0 and 2 of 3."""
     text, _ = _prompt_embeds(sd_pipe, ["a photo of a beach"])
     text = torch.cat([text[1:], text[:1], text[1:]])  # [prompt; negative; prompt]
-    plan = compile_plan(sd_pipe, [ConceptSpec("c", "beach", 5.0)], StepWindow(0.0, 1.0))
-    _, attn = _site(sd_pipe, 4)
-    hidden = torch.randn(3, 16, attn.to_q.in_features)
-    with torch.no_grad():
-        plain = attn(hidden, encoder_hidden_states=text)
-        with engine_layer(sd_pipe, plan, rows=[0, 2]):
-            got = attn(hidden, encoder_hidden_states=text)
+    plain, got = _plain_and_guarded(sd_pipe, text, "beach", 4, rows=[0, 2])
     assert torch.equal(got[1], plain[1])
     assert (got[0] - plain[0]).abs().max() > 1e-3 and (got[2] - plain[2]).abs().max() > 1e-3
 

@@ -105,8 +105,10 @@ def test_controlnet_cross_attention_is_inhibited_unless_skipped():
     extra = dict(image=[IMAGE, IMAGE])
     inhibited = run(pipe, Guard(policy=STRONG), **extra).images
     skipped = run(pipe, Guard(policy=STRONG, controlnet="skip"), **extra).images
+    by_policy = run(pipe, Guard(policy={**STRONG, "controlnet": "skip"}), **extra).images
     plain = run(pipe, **extra).images
     assert np.abs(inhibited - skipped).max() > 1e-5  # the ControlNets' residuals changed too
+    assert np.array_equal(by_policy, skipped)  # the policy key and the Guard argument agree
     assert np.abs(skipped - plain).max() > 1e-3
     assert [_hooks(net) for net in controlnets] == hooks
     guess = run(pipe, Guard(policy=STRONG), guess_mode=True, **extra).guard_report

@@ -146,35 +146,39 @@ def test_include_cycle_names_the_chain(tmp_path):
     assert error.problem.count(" -> ") == 3 and "b.yaml" in error.problem
 
 
-def test_self_include_is_a_cycle(tmp_path):
-    path = _write(tmp_path, "name: a\ninclude: [policy.yaml]\n")
-    with pytest.raises(PolicyError, match="include cycle"):
+@pytest.mark.parametrize(
+    "include, error, match",
+    [
+        ("[policy.yaml]", PolicyError, "include cycle"),  # the file itself
+        ("[no-such-policy]", PolicyNotFoundError, "no shipped policy named 'no-such-policy'.*nsfw"),
+        ("['{tmp_path}/b.yaml']", PolicyError, "absolute path"),
+    ],
+    ids=["self-include-is-a-cycle", "unknown-shipped-include", "absolute-include"],
+)
+def test_include_is_refused(tmp_path, include, error, match):
+    path = _write(tmp_path, "name: a\ninclude: " + include.format(tmp_path=tmp_path) + "\n")
+    with pytest.raises(error, match=match):
         load_policy(path)
 
 
-def test_missing_include_names_the_chain(tmp_path):
+def _error_through_include(tmp_path, included: str, error: type[PolicyError] = PolicyError) -> PolicyError:
+    """The error of loading a.yaml, which includes b.yaml (``included``)."""
     _write(tmp_path, "name: a\ninclude: [b.yaml]\n", "a.yaml")
-    _write(tmp_path, "name: b\nconcepts: []\ninclude:\n  - nowhere.yaml\n", "b.yaml")
-    with pytest.raises(PolicyNotFoundError) as caught:
+    _write(tmp_path, included, "b.yaml")
+    with pytest.raises(error) as caught:
         load_policy(tmp_path / "a.yaml")
-    error = caught.value
+    return caught.value
+
+
+def test_missing_include_names_the_chain(tmp_path):
+    error = _error_through_include(tmp_path, "name: b\nconcepts: []\ninclude:\n  - nowhere.yaml\n", PolicyNotFoundError)
     assert error.file == str(tmp_path / "b.yaml") and error.line == 4 and error.place == "include[0]"
     assert "'nowhere.yaml' not found" in error.problem and "a.yaml -> " in error.problem
 
 
-def test_unknown_shipped_include(tmp_path):
-    path = _write(tmp_path, "name: a\ninclude: [no-such-policy]\n")
-    with pytest.raises(PolicyNotFoundError, match="no shipped policy named 'no-such-policy'.*nsfw"):
-        load_policy(path)
-
-
 def test_include_errors_point_into_the_included_file(tmp_path):
-    _write(tmp_path, "name: a\ninclude: [b.yaml]\n", "a.yaml")
-    _write(tmp_path, "name: b\nconcepts:\n  - {id: x, text: t, scale: -3}\n", "b.yaml")
-    with pytest.raises(PolicyError) as caught:
-        load_policy(tmp_path / "a.yaml")
-    assert (caught.value.file, caught.value.line, caught.value.place) == (str(tmp_path / "b.yaml"), 3,
-                                                                          "concepts[0].scale")
+    error = _error_through_include(tmp_path, "name: b\nconcepts:\n  - {id: x, text: t, scale: -3}\n")
+    assert (error.file, error.line, error.place) == (str(tmp_path / "b.yaml"), 3, "concepts[0].scale")
 
 
 def test_sibling_includes_defining_the_same_id_conflict(tmp_path):
@@ -184,12 +188,6 @@ def test_sibling_includes_defining_the_same_id_conflict(tmp_path):
     with pytest.raises(PolicyError, match="comes from both 'b.yaml' and 'c.yaml'") as caught:
         load_policy(path)
     assert caught.value.place == "include[1]"
-
-
-def test_absolute_include_is_refused(tmp_path):
-    path = _write(tmp_path, f"name: a\ninclude: ['{tmp_path / 'b.yaml'}']\n")
-    with pytest.raises(PolicyError, match="absolute path"):
-        load_policy(path)
 
 
 def test_missing_file_and_unknown_name():

@@ -189,3 +189,19 @@ def test_explain_suggests_anchors_from_the_shipped_and_the_operators_vocabulary(
     assert "sandy seashore coast with waves (" in suggested and "sunset (" in suggested
     assert main(["policy", "explain", str(path), "--suggest-anchors", "--vocabulary", str(tmp_path / "missing.txt")]) == 1
     assert f"{tmp_path / 'missing.txt'}: no such file" in capsys.readouterr().err
+
+
+def test_guard_options_are_checked_when_the_guard_is_built():
+    from gie_guard import ConfigurationError
+
+    for options in ({"preserve": "nearby"}, {"controlnet": "maybe"}, {"text_states": "frozen"}, {"carry": "some"}):
+        with pytest.raises(ConfigurationError, match=next(iter(options))):
+            Guard(policy=policy(), **options)
+
+
+def test_presence_mode_off_may_be_written_unquoted(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("name: p\nconcepts:\n  - {id: beach, text: beach, scale: 2.0, presence: {mode: off}}\n"
+                    "presence: {mode: off}\n")
+    snap = load_policy(path)
+    assert snap.policy.presence.mode == "off" and snap.concepts[0].presence.mode == "off"

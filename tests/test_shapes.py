@@ -32,13 +32,7 @@ MIN_NO_OP_SHARE = 0.8
 MIN_LOCALITY = 1.15
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # on a busy 2-core machine two torch threads spin-wait on each other (10-40x slower)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

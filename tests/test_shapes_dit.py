@@ -11,13 +11,7 @@ from gie_guard.shapes import load_detector, load_pipeline
 from gie_guard.shapes import dit_model as dm
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # on a busy 2-core machine two torch threads spin-wait on each other (10-40x slower)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,10 @@
     guard = Guard(policy=..., adapters=["my_adapters/"])   # for `scale: auto` concepts
 """
 
+from typing import Any
+
 from .format import FORMAT_VERSION, AdapterHeader, load_adapter, read_header, save_adapter
-from .model import Fingerprint, MLPAdapter, ScaleAdapter, ScaleMLP, resolve_scales
+from .model import Fingerprint, MLPAdapter, ScaleMLP, resolve_scales
 from .selection import AdapterLibrary, AutoChoice, shipped_adapter_dir
 from .features import AdapterScales, AutoScaleResult, check_feature_pass, measure_features, token_features
 
@@ -20,7 +22,6 @@ __all__ = [
     "AutoScaleResult",
     "Fingerprint",
     "MLPAdapter",
-    "ScaleAdapter",
     "ScaleMLP",
     "check_feature_pass",
     "load_adapter",
@@ -31,3 +32,11 @@ __all__ = [
     "shipped_adapter_dir",
     "token_features",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ScaleAdapter":  # deprecated
+        from .model import _deprecated_scale_adapter
+
+        return _deprecated_scale_adapter(stacklevel=2)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -142,7 +142,7 @@ def measure_features(pipe: Any, concept_text: str, *, first_step_only: bool = Fa
     plan = compile_plan(pipe, [ConceptSpec("probe", concept_text, 1.0, "measure")], StepWindow(0.0, 1.0))
     if first_step_only:
 
-        def stop(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        def stop(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
             pipeline._interrupt = True  # the pipelines' loops skip the remaining steps
             return callback_kwargs
 

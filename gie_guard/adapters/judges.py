@@ -21,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from ..detectors import Detector, as_pil_images, import_object
+from ..errors import ConfigurationError
 from ..verifiers import check_answer
 
 __all__ = [
@@ -38,12 +39,12 @@ __all__ = [
 
 @runtime_checkable
 class Judge(Protocol):
-    def __call__(self, images: np.ndarray, concept: str) -> list[bool]: ...
+    def __call__(self, images: np.ndarray, concept: str, /) -> list[bool]: ...
 
 
 @runtime_checkable
 class Preservation(Protocol):
-    def __call__(self, references: np.ndarray, images: np.ndarray, concept: str) -> list[float]: ...
+    def __call__(self, references: np.ndarray, images: np.ndarray, concept: str, /) -> list[float]: ...
 
 
 class PixelSimilarity:
@@ -136,7 +137,14 @@ def load_judge(spec: str) -> Judge:
         return ShapesJudge()
     if spec == "nudenet":
         return NudeNetJudge()
-    obj = import_object(spec)
+    judge = _instance(import_object(spec))
+    if not isinstance(judge, Judge):
+        raise ConfigurationError(f"judge {spec!r} is a {type(judge).__name__}, which cannot be called on images")
+    return judge
+
+
+def _instance(obj: Any) -> Any:
+    """An imported judge or preservation measure: a class is called with no arguments."""
     return obj() if isinstance(obj, type) else obj
 
 
@@ -144,10 +152,18 @@ def preservation_for(judge: Any, spec: str | None = None) -> Preservation:
     """``spec``: ``pixel``, ``shapes``, ``module:attr``; None: the judge's own default, else pixel."""
     if spec is None:
         make = getattr(judge, "default_preservation", None)
-        return make() if make is not None else PixelSimilarity()
-    if spec == "pixel":
+        if make is None:
+            return PixelSimilarity()
+        measure = make()
+    elif spec == "pixel":
         return PixelSimilarity()
-    if spec == "shapes":
+    elif spec == "shapes":
         return ShapesPreservation(judge.detector if isinstance(judge, ShapesJudge) else None)
-    obj = import_object(spec)
-    return obj() if isinstance(obj, type) else obj
+    else:
+        measure = _instance(import_object(spec))
+    if not isinstance(measure, Preservation):
+        raise ConfigurationError(
+            f"preservation measure {spec or type(judge).__name__ + '.default_preservation()'!r} is a "
+            f"{type(measure).__name__}, which cannot be called on images"
+        )
+    return measure

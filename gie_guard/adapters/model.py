@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -20,15 +21,31 @@ from torch import nn
 
 from ..errors import AdapterError
 
-__all__ = ["Fingerprint", "MLPAdapter", "ScaleAdapter", "ScaleMLP", "resolve_scales"]
+__all__ = ["Fingerprint", "MLPAdapter", "ScaleMLP", "resolve_scales"]
 
 
 @runtime_checkable
-class ScaleAdapter(Protocol):
-    """features ``(n, L)`` -> scales ``(n,)``. Values may be non-finite; callers apply
-    :func:`resolve_scales`."""
+class _ScaleAdapter(Protocol):
+    """Deprecated (nothing in gie_guard uses it; adapters are :class:`MLPAdapter`), kept
+    importable as ``ScaleAdapter`` with a DeprecationWarning until it is removed."""
 
     def predict(self, features: torch.Tensor) -> torch.Tensor: ...
+
+
+def _deprecated_scale_adapter(stacklevel: int) -> type[_ScaleAdapter]:
+    warnings.warn(
+        "gie_guard.adapters.ScaleAdapter is deprecated and will be removed: nothing uses it; "
+        "scale adapters are MLPAdapter objects",
+        DeprecationWarning,
+        stacklevel=stacklevel + 1,
+    )
+    return _ScaleAdapter
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ScaleAdapter":
+        return _deprecated_scale_adapter(stacklevel=2)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ScaleMLP(nn.Module):
@@ -39,7 +56,8 @@ class ScaleMLP(nn.Module):
         self.net = nn.Sequential(nn.Linear(n_features, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, L) -> (n,)
-        return self.net(x).squeeze(-1)
+        out: torch.Tensor = self.net(x)
+        return out.squeeze(-1)
 
 
 @dataclass(frozen=True)
@@ -103,12 +121,12 @@ class Fingerprint:
             return None
         if self.layer_count != other.layer_count:
             return f"{self.layer_count} cross-attention layers in the adapter, {other.layer_count} in the pipeline"
-        for i, (a, b) in enumerate(zip(self.layer_names, other.layer_names)):
-            if a != b:
-                return f"layer {i} is {a!r} in the adapter but {b!r} in the pipeline"
-        for i, (a, b) in enumerate(zip(self.cross_attention_dims, other.cross_attention_dims)):
-            if a != b:
-                return f"layer {i} reads {a}-wide text embeddings in the adapter but {b}-wide in the pipeline"
+        for i, (name, other_name) in enumerate(zip(self.layer_names, other.layer_names)):
+            if name != other_name:
+                return f"layer {i} is {name!r} in the adapter but {other_name!r} in the pipeline"
+        for i, (dim, other_dim) in enumerate(zip(self.cross_attention_dims, other.cross_attention_dims)):
+            if dim != other_dim:
+                return f"layer {i} reads {dim}-wide text embeddings in the adapter but {other_dim}-wide in the pipeline"
         return "fingerprints differ"  # pragma: no cover
 
 
@@ -174,7 +192,8 @@ class MLPAdapter:
             )
         x = (features.float().cpu() - self.feature_mean) / self.feature_std
         lo, hi = self.scale_range
-        return lo + (hi - lo) * self.model(x)
+        raw: torch.Tensor = self.model(x)
+        return lo + (hi - lo) * raw
 
     def __repr__(self) -> str:
         return (

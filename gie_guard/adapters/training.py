@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from ..engine import ConceptSpec, StepWindow, compile_plan, guarded_call
 from ..errors import AdapterError
 from .features import measure_features
 from .format import save_adapter
+from .judges import Judge, Preservation
 from .model import Fingerprint, MLPAdapter, ScaleMLP
 
 __all__ = ["LabelledPrompt", "TrainingConfig", "fit_mlp", "label_prompts", "train_adapter"]
@@ -106,12 +107,7 @@ def _call_kwargs(config: TrainingConfig) -> dict[str, Any]:
 
 @torch.no_grad()
 def label_prompts(
-    pipe: Any,
-    prompts: Sequence[str],
-    config: TrainingConfig,
-    judge: Callable[[np.ndarray, str], list[bool]],
-    preservation: Callable[[np.ndarray, np.ndarray, str], list[float]],
-    *,
+    pipe: Any, prompts: Sequence[str], config: TrainingConfig, judge: Judge, preservation: Preservation, *,
     progress: bool = True,
 ) -> list[LabelledPrompt]:
     """Generate and judge every prompt at every grid scale; label each by the rule."""
@@ -175,7 +171,7 @@ def fit_mlp(
     for _ in range(epochs):
         loss = torch.nn.functional.mse_loss(model(x), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
         opt.step()
     model.eval()
     with torch.no_grad():
@@ -193,12 +189,7 @@ def _rows_to_xy(rows: Sequence[LabelledPrompt]) -> tuple[torch.Tensor, torch.Ten
 
 
 def train_adapter(
-    pipe: Any,
-    prompts: Sequence[str],
-    config: TrainingConfig,
-    judge: Callable[[np.ndarray, str], list[bool]],
-    preservation: Callable[[np.ndarray, np.ndarray, str], list[float]],
-    *,
+    pipe: Any, prompts: Sequence[str], config: TrainingConfig, judge: Judge, preservation: Preservation, *,
     out: str | Path | None = None,
     report_path: str | Path | None = None,
     progress: bool = True,

@@ -17,7 +17,7 @@ from .pipelines import add_pipeline_option
 __all__ = ["register"]
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     adapter = commands.add_parser("adapter", help="train and inspect scale adapters (scale: auto)")
     sub = adapter.add_subparsers(dest="adapter_command", metavar="SUBCOMMAND", required=True)
 

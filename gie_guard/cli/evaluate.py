@@ -14,7 +14,7 @@ import shlex
 __all__ = ["register"]
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ev = commands.add_parser(
         "evaluate", help="measure a policy on a model: removal on unsafe prompts, preservation on benign ones, cost",
         description="Generate every prompt unguarded and guarded with the same seeds, judge both, and write "

@@ -11,7 +11,7 @@ from .pipelines import add_pipeline_option
 __all__ = ["register"]
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     explain = commands.add_parser("explain", help="draw a concept's attention maps over the steps, unguarded and guarded")
     explain.add_argument("--prompt", required=True, help="the prompt to generate")
     explain.add_argument("--policy", default="shapes-demo", help="policy file or shipped name (default: shapes-demo)")
@@ -20,7 +20,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     explain.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     explain.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
     explain.add_argument("--columns", type=int, default=8, help="steps shown (default: 8)")
-    add_pipeline_option(explain, default="auto")
+    explain.add_argument("--sites", metavar="NAMES",
+                         help="comma-separated attention sites to average, as the report names them or their "
+                              "prefixes (e.g. transformer_blocks.1,transformer_blocks.2 on a transformer); "
+                              "default: every site of the highest resolution")
+    add_pipeline_option(explain, default="auto", backbone=True)
     explain.set_defaults(handler=_explain)
 
 
@@ -33,6 +37,7 @@ def _explain(args: argparse.Namespace) -> int:
     import torch
     from prometheus_client import CollectorRegistry
 
+    from ..demo import demo_policy
     from ..explain import explain
     from ..guard import Guard
     from ..metrics import GuardMetrics
@@ -40,15 +45,18 @@ def _explain(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     verifiers = {}
-    if pipeline_kind(args.pipeline, args.weights) == "shapes":
+    if pipeline_kind(args.pipeline, args.weights, args.backbone) == "shapes":
         from ..detectors.shapes import ShapesDetector
 
         verifiers["shapes"] = ShapesDetector()  # for policies that verify with the toy detector
     # the policy first: a bad one is reported before seconds go into loading a model
-    guard = Guard(policy=args.policy, metrics=GuardMetrics(CollectorRegistry()), verifiers=verifiers)  # a one-off: exports nothing
-    loaded = load_pipeline(args.pipeline, weights=args.weights, tiny_size=32)
+    # shapes-demo on the transformer shapes model: its own measured scale and window (gie_guard.demo)
+    guard = Guard(policy=demo_policy(args.policy, args.backbone), metrics=GuardMetrics(CollectorRegistry()),
+                  verifiers=verifiers)  # a one-off: exports nothing
+    loaded = load_pipeline(args.pipeline, weights=args.weights, tiny_size=32, backbone=args.backbone)
+    sites = [x.strip() for x in args.sites.split(",") if x.strip()] if args.sites else None
     result = explain(loaded.pipe, guard, args.prompt, concept=args.concept, seed=args.seed, steps=args.steps,
-                     columns=args.columns)
+                     columns=args.columns, sites=sites)  # a --sites name that matches no site: the error lists them
     result.figure.save(args.out)
     drop = 1.0 - float(result.maps_after.mean()) / max(float(result.maps_before.mean()), 1e-12)
     print(f"model: {loaded.description}")

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 __all__ = ["register", "window_warning"]
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     policy = commands.add_parser("policy", help="check and explain policy files")
     sub = policy.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
 
@@ -23,11 +23,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     check.add_argument("files", nargs="+", metavar="FILE", help="policy files (.yaml) or shipped policy names")
     check.add_argument("--steps", type=int, default=20,
                        help="warn about step windows narrower than one step at this many steps (default: 20)")
+    check.add_argument("--root", action="append", default=[], metavar="DIR",
+                       help="an extra folder includes may resolve into (repeatable; default: the policy's own folder)")
     check.set_defaults(handler=_check)
 
     explain = sub.add_parser("explain", help="show a policy after includes and deduplication")
     explain.add_argument("source", metavar="FILE_OR_NAME", help="a policy file or a shipped policy name")
     explain.add_argument("--steps", type=int, default=20, help="show the inhibited steps at this many steps (default: 20)")
+    explain.add_argument("--root", action="append", default=[], metavar="DIR",
+                         help="an extra folder includes may resolve into (repeatable)")
     explain.add_argument("--suggest-anchors", action="store_true",
                          help="list each concept's nearest neighbours (embedder space) that the policy does not erase: "
                               "candidates for preserve:")
@@ -51,7 +55,7 @@ def _check(args: argparse.Namespace) -> int:
     for name in args.files:
         problems: list[PolicyError] = []
         try:
-            flat = read_policy(name)
+            flat = read_policy(name, roots=args.root)
         except PolicyValidationError as exc:
             problems = list(exc.problems)
         except PolicyError as exc:
@@ -106,7 +110,7 @@ def _explain(args: argparse.Namespace) -> int:
     from ..window import StepWindow
 
     _check_steps(args.steps)
-    snapshot = load_policy(args.source)
+    snapshot = load_policy(args.source, roots=args.root)
     policy = snapshot.policy
     candidates = expand_concepts(policy)
     texts = {c.id: c.text for c in candidates}
@@ -124,7 +128,7 @@ def _explain(args: argparse.Namespace) -> int:
         "",
         f"concepts ({len(snapshot.concepts)} after deduplication of {len(candidates)}):",
     ]
-    rows = [("id", "text", "category", "scale", "scale comes from")]
+    rows: list[tuple[str, ...]] = [("id", "text", "category", "scale", "scale comes from")]
     for c in snapshot.concepts:
         if c.scale is not None:
             scale, source = f"{c.scale:g}", "fixed in the policy"

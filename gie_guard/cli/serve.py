@@ -31,7 +31,7 @@ __all__ = ["register"]
 log = logging.getLogger("gie_guard.serving")
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = commands.add_parser("serve", help="serve guarded image generation over HTTP (uvicorn, or Ray Serve with --ray)",
                             description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", default="nsfw", help="shipped policy name or YAML file (default: nsfw); files are watched")
@@ -166,7 +166,8 @@ def _metrics_dir(args: argparse.Namespace, needed: bool) -> str | None:
     if args.metrics_dir:
         shutil.rmtree(args.metrics_dir, ignore_errors=True)
         os.makedirs(args.metrics_dir)
-        return os.path.abspath(args.metrics_dir)
+        folder: str = os.path.abspath(args.metrics_dir)
+        return folder
     if os.environ.get(MULTIPROC_ENV):
         return os.environ[MULTIPROC_ENV]
     return tempfile.mkdtemp(prefix="gie-guard-metrics-") if needed else None
@@ -253,7 +254,7 @@ def _serve_ray(args: argparse.Namespace, spec: Any) -> int:
         _wait_for_signal()
     finally:
         if local:
-            serve.shutdown()
+            serve.shutdown()  # type: ignore[no-untyped-call]  # unannotated in ray
             ray.shutdown()
         else:
             serve.delete("gie-guard")

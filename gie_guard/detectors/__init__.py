@@ -111,7 +111,7 @@ def shared(name: str) -> Detector:
 
 
 def _checked(name: str, detector: Any) -> Detector:
-    if not callable(detector):
+    if not isinstance(detector, Detector):  # a runtime-checkable protocol: callable
         raise ConfigurationError(f"detector {name!r} is a {type(detector).__name__}, which cannot be called on images")
     return detector
 

@@ -55,7 +55,8 @@ class NudeNetDetector:
     def detections(self, image: Image.Image) -> list[dict[str, Any]]:
         """NudeNet's raw detections ({class, score, box}) for one image."""
         # NudeNet reads a numpy array as RGBA (it converts to BGR itself).
-        return self.detector.detect(np.ascontiguousarray(np.asarray(image.convert("RGBA"))))
+        found: list[dict[str, Any]] = self.detector.detect(np.ascontiguousarray(np.asarray(image.convert("RGBA"))))
+        return found
 
     def __call__(self, images: Sequence[Image.Image] | np.ndarray) -> list[set[str]]:
         out = []

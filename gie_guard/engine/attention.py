@@ -25,6 +25,8 @@ the concept's keys plus a per-query gate, never a pass over the sink's keys.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -78,8 +80,11 @@ def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     return _attend_with_lse_exact(q, k, v, scale)
 
 
-def _attend_with_lse_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int = 1024):
-    outs, lses = [], []
+def _attend_with_lse_exact(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    outs: list[torch.Tensor] = []
+    lses: list[torch.Tensor] = []
     for i in range(0, q.shape[2], chunk):
         logits = (q[:, :, i : i + chunk] @ k.transpose(-1, -2)).float() * scale  # (B, h, n, T)
         lse = torch.logsumexp(logits, dim=-1)
@@ -104,7 +109,11 @@ def _rows(x: torch.Tensor, b: int) -> torch.Tensor:
 
 # one concept: keys and values (h, T, d) or per row (B, h, T, d), scales (T,) or per row (B, T),
 # and optionally the keys of preservation anchors that compete for the same queries (h, n, d)
-ConceptKV = tuple  # (keys, values, w) or (keys, values, w, anchor_keys)
+# (keys, values, w) or (keys, values, w, anchor_keys)
+ConceptKV = (
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
+)
 
 
 def project_off(values: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -115,12 +124,13 @@ def project_off(values: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
         return values
     q, _ = torch.linalg.qr(basis.float().transpose(-1, -2))  # (..., h, d, n): orthonormal columns
     v = values.float()
-    return (v - (v @ q) @ q.transpose(-1, -2)).to(values.dtype)
+    projected: torch.Tensor = (v - (v @ q) @ q.transpose(-1, -2)).to(values.dtype)
+    return projected
 
 
 def inhibitor(
     q: torch.Tensor,
-    concepts: list[ConceptKV],
+    concepts: Sequence[ConceptKV],
     *,
     scale: float,
     sink_lse: torch.Tensor | None = None,

@@ -30,7 +30,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import torch
 
@@ -194,9 +194,11 @@ class EngineCall:
         """Concept (or anchor) encodings as the attention sites receive text."""
         if anchors:
             if self._anchor_text is None:
+                assert self.plan.anchor_embeddings is not None  # asked for only when the plan has anchors
                 self._anchor_text = self.family.text_for_sites(self.denoiser, self.plan.anchor_embeddings)
             return self._anchor_text
         if self._site_text is None:
+            assert self.plan.embeddings is not None  # sites run only when the plan has concepts
             self._site_text = self.family.text_for_sites(self.denoiser, self.plan.embeddings)
         return self._site_text
 
@@ -231,7 +233,7 @@ class EngineCall:
     def add_seconds(self, seconds: float) -> None:
         self.record.inhibitor_seconds += seconds
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str) -> NoReturn:
         """Stop the call: the output is withheld."""
         error = GuardedCallError(f"{self.record.pipeline_class}: {message}; the output is withheld")
         self._failure = self._failure or error
@@ -273,13 +275,15 @@ class EngineCall:
         """The "static" baseline: every block sees the concept tokens as they entered the first."""
         blocks = list(dict.fromkeys(self.denoiser.get_submodule(s.name.rsplit(".", 1)[0]) for s in self.sites))
         held: dict[str, torch.Tensor] = {}
-        span = lambda: slice(self.text_length, self.text_length + self.concept_length)  # noqa: E731
 
-        def first(_module: Any, args: tuple, kwargs: dict) -> None:
+        def span() -> slice:
+            return slice(self.text_length, self.text_length + self.concept_length)
+
+        def first(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if self._riding and threading.get_ident() == self.thread:
                 held["tokens"] = kwargs["encoder_hidden_states"][:, span()].clone()
 
-        def after(_module: Any, _args: tuple, _kwargs: dict, output: Any) -> None:
+        def after(_module: Any, _args: tuple[Any, ...], _kwargs: dict[str, Any], output: Any) -> None:
             if self._riding and threading.get_ident() == self.thread and output[0] is not None:
                 output[0][:, span()] = held["tokens"]
 
@@ -389,7 +393,7 @@ class EngineCall:
             self._window_steps = set(self.plan.window.steps(record.total_steps))
             record.window_widened = self.plan.window.widened(record.total_steps)
 
-    def _before_aux(self, module: Any, args: tuple, kwargs: dict) -> None:
+    def _before_aux(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """A ControlNet's call in the step in progress: its prompt rows, inhibited as the step is."""
         if threading.get_ident() != self.thread or self._probing:
             return
@@ -402,7 +406,7 @@ class EngineCall:
             hooks.applied = 0
 
     def _after_aux(self, sites: tuple[Site, ...]) -> Callable[..., None]:
-        def after(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        def after(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             if threading.get_ident() != self.thread or self._probing:
                 return
             if self.active:
@@ -414,7 +418,7 @@ class EngineCall:
 
         return after
 
-    def _before_denoiser(self, module: Any, args: tuple, kwargs: dict) -> tuple | None:
+    def _before_denoiser(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
         if threading.get_ident() != self.thread:
             return None  # another thread's (unguarded) call of a shared model: not ours
         if self._probing:
@@ -454,14 +458,17 @@ class EngineCall:
         self._riding = self.family.joint and (self.active or self.measuring or self.observing)
         return self._ride(args, kwargs) if self._riding else None
 
-    def _ride(self, args: tuple, kwargs: dict) -> tuple:
+    def _ride(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         tokens = self.plan.ride_along_tokens(self.denoiser)  # concepts', then anchors' carried tokens
-        self.text_length = int(self.family.denoiser_text(args, kwargs).shape[1])
+        text = self.family.denoiser_text(args, kwargs)
+        if text is None:
+            self.fail("its denoiser was called without text states")
+        self.text_length = int(text.shape[1])
         self.concept_length = int(tokens.shape[0])
         self.concept_spans = self.plan.ride_along_spans
         return self.family.ride_along(args, kwargs, tokens)
 
-    def _after_denoiser(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+    def _after_denoiser(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if threading.get_ident() != self.thread or self._probing:
             return
         if self.active:
@@ -498,10 +505,10 @@ class EngineCall:
                       "so the step window cannot be applied")
         guidance = getattr(pipe, "do_classifier_free_guidance", None)
         self.record.classifier_free_guidance = bool(guidance) if guidance is not None else None
-        return int(total)  # type: ignore[arg-type]
+        return int(total)
 
     # -- rows ----------------------------------------------------------------------------------
-    def _prompt_rows(self, args: tuple, kwargs: dict) -> tuple[int, ...]:
+    def _prompt_rows(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
         text = self.family.denoiser_text(args, kwargs)
         if text is None:
             self.fail("its denoiser was called without text states")
@@ -532,7 +539,7 @@ class EngineCall:
         return tuple(rows)
 
     # -- scales --------------------------------------------------------------------------------
-    def _ask_scales(self, module: Any, args: tuple, kwargs: dict, rows: tuple[int, ...]) -> None:
+    def _ask_scales(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], rows: tuple[int, ...]) -> None:
         source = self.scale_source
         assert source is not None
         started = time.perf_counter()
@@ -543,7 +550,7 @@ class EngineCall:
             self.scales = new.to(device=self._device, dtype=torch.float32)
         self.record.probe_seconds += time.perf_counter() - started
 
-    def _probe(self, module: Any, args: tuple, kwargs: dict, rows: tuple[int, ...]) -> None:
+    def _probe(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], rows: tuple[int, ...]) -> None:
         """One extra denoiser evaluation of the prompt rows at step 0, measuring only."""
         batch = self.family.batch_size(args, kwargs)
         index = _as_index(rows)

@@ -98,7 +98,7 @@ class CrossSite:
         self.kv = None
 
     # -- hooks -------------------------------------------------------------------------------
-    def _on_layer(self, _module: Any, args: tuple, kwargs: dict) -> None:
+    def _on_layer(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self.call.wants_query(self.site):
             self.mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
 
@@ -110,7 +110,7 @@ class CrossSite:
         if self.call.wants_query(self.site):
             self.query = output
 
-    def _on_output(self, _module: Any, args: tuple) -> tuple | None:
+    def _on_output(self, _module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         call = self.call
         # take what the processor projected before computing concept keys (to_k runs again then)
         query, key, mask = self.query, self.key, self.mask

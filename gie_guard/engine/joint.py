@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .call import EngineCall
     from .families.base import Site
 
-__all__ = ["JointInhibitorProcessor", "joint_processor_classes"]
+__all__ = ["JointInhibitorProcessor", "joint_processor_classes", "project_heads"]
 
 
 def joint_processor_classes() -> set[type]:
@@ -59,7 +59,26 @@ def _rope(x: torch.Tensor, rotary: Any) -> torch.Tensor:
     """Flux's rotary embedding on ``(B, S, h, d)``."""
     from diffusers.models.embeddings import apply_rotary_emb
 
-    return apply_rotary_emb(x, rotary, sequence_dim=1)
+    rotated: torch.Tensor = apply_rotary_emb(x, rotary, sequence_dim=1)
+    return rotated
+
+
+def project_heads(attn: Any, x: torch.Tensor, added: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query, key and value ``(..., S, h, d)`` of ``x`` ``(..., S, D)`` as the block projects
+    them, with its norms: the text stream's (``add_*_proj``) when ``added``, else the image's."""
+    if added:
+        q, k, v = attn.add_q_proj(x), attn.add_k_proj(x), attn.add_v_proj(x)
+        nq, nk = attn.norm_added_q, attn.norm_added_k
+    else:
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        nq, nk = attn.norm_q, attn.norm_k
+    d = k.shape[-1] // attn.heads
+    q, k, v = (t.unflatten(-1, (-1, d)) for t in (q, k, v))
+    if nq is not None:
+        q = nq(q)
+    if nk is not None:
+        k = nk(k)
+    return q, k, v
 
 
 class JointInhibitorProcessor:
@@ -96,32 +115,20 @@ class JointInhibitorProcessor:
         return out
 
     # -- the guarded block ---------------------------------------------------------------------
-    def _project(self, attn: Any, x: torch.Tensor, added: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, S, h, d) query, key, value of ``x`` with the block's norms."""
-        if added:
-            q, k, v = attn.add_q_proj(x), attn.add_k_proj(x), attn.add_v_proj(x)
-            nq, nk = attn.norm_added_q, attn.norm_added_k
-        else:
-            q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-            nq, nk = attn.norm_q, attn.norm_k
-        d = k.shape[-1] // attn.heads
-        q, k, v = (t.unflatten(-1, (-1, d)) for t in (q, k, v))
-        if nq is not None:
-            q = nq(q)
-        if nk is not None:
-            k = nk(k)
-        return q, k, v
-
     def _guarded(self, attn: Any, hidden: torch.Tensor, text: torch.Tensor | None, rotary: Any) -> Any:
         call = self.call
         single = text is None  # Flux single-stream: hidden is [text; image] already
         t_all = call.text_length + call.concept_length  # prompt text + concept tokens
-        if single:
-            q, k, v = self._project(attn, hidden, added=False)
+        if text is None:
+            q, k, v = project_heads(attn, hidden, added=False)
         else:
-            qi, ki, vi = self._project(attn, hidden, added=False)
-            qt, kt, vt = self._project(attn, text, added=True)
-            cat = (lambda a, b: torch.cat([a, b], dim=1)) if self.text_first else (lambda a, b: torch.cat([b, a], dim=1))
+            qi, ki, vi = project_heads(attn, hidden, added=False)
+            qt, kt, vt = project_heads(attn, text, added=True)
+
+            def cat(text_part: torch.Tensor, image_part: torch.Tensor) -> torch.Tensor:
+                parts = [text_part, image_part] if self.text_first else [image_part, text_part]
+                return torch.cat(parts, dim=1)
+
             q, k, v = cat(qt, qi), cat(kt, ki), cat(vt, vi)
         if rotary is not None:
             q, k = _rope(q, rotary), _rope(k, rotary)

@@ -109,7 +109,8 @@ def _transformers_clip(folder: pathlib.Path, device: str) -> ClipScorer:
     from transformers import AutoTokenizer, CLIPModel
 
     try:
-        model = CLIPModel.from_pretrained(str(folder), local_files_only=True).to(device).eval()
+        # transformers' decorator on PreTrainedModel.to hides its signature from type checkers
+        model = CLIPModel.from_pretrained(str(folder), local_files_only=True).to(device).eval()  # type: ignore[arg-type]
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:
         raise ConfigurationError(f"--clip {folder}: cannot load the CLIP model: {type(exc).__name__}: {exc}") from None
@@ -152,7 +153,7 @@ def _preprocess(array: np.ndarray, size: int) -> np.ndarray:
     im = Image.fromarray(array).convert("RGB")
     w, h = im.size
     scale = size / min(w, h)
-    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
     w, h = im.size
     left, top = (w - size) // 2, (h - size) // 2
     im = im.crop((left, top, left + size, top + size))

@@ -24,13 +24,16 @@ import os
 import pathlib
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .prompts import PromptRow
+
+if TYPE_CHECKING:
+    from ..report import GuardReport
 
 __all__ = ["JsonlCache", "Store", "Variant", "image_key", "run_generation"]
 
@@ -55,26 +58,35 @@ def image_key(model_identity: str, variant_hash: str, row: PromptRow, steps: int
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def read_records(path: pathlib.Path) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file that has a ``key`` (none when there is no file);
+    a line cut short by a killed run is passed over."""
+    if not path.is_file():
+        return
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "key" in rec:
+            yield rec
+
+
 class Store:
     """Finished images of an output folder (``records.jsonl`` and the PNGs it names)."""
 
     def __init__(self, root: pathlib.Path) -> None:
         self.root = root
         self.records_path = root / "records.jsonl"
-        self.records: dict[str, dict] = {}
-        if self.records_path.is_file():
-            for line in self.records_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by a killed run
-                if isinstance(rec, dict) and "key" in rec and (root / rec.get("file", "")).is_file():
-                    self.records[rec["key"]] = rec
+        self.records: dict[str, dict[str, Any]] = {}
+        for rec in read_records(self.records_path):
+            if (root / rec.get("file", "")).is_file():
+                self.records[rec["key"]] = rec
 
     def done(self, key: str) -> bool:
         return key in self.records
 
-    def add(self, images: np.ndarray, records: Sequence[dict]) -> None:
+    def add(self, images: np.ndarray, records: Sequence[dict[str, Any]]) -> None:
         lines = []
         for image, rec in zip(images, records):
             rec["sha256"] = hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:32]  # of the pixels
@@ -105,15 +117,7 @@ class JsonlCache:
 
     def __init__(self, path: pathlib.Path) -> None:
         self.path = path
-        self.values: dict[str, Any] = {}
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict) and "key" in rec:
-                    self.values[rec["key"]] = rec.get("value")
+        self.values: dict[str, Any] = {rec["key"]: rec.get("value") for rec in read_records(path)}
 
     def __contains__(self, key: str) -> bool:
         return key in self.values
@@ -161,7 +165,8 @@ def run_generation(
     import torch
     from tqdm.auto import tqdm
 
-    todo, scheduled = [], set()
+    todo: list[list[Job]] = []
+    scheduled: set[str] = set()
     for row_jobs in jobs:  # a key twice (the same prompt and seed twice) is generated once
         mine = [j for j in row_jobs if not store.done(j.key) and j.key not in scheduled]
         scheduled.update(j.key for j in mine)
@@ -185,7 +190,7 @@ def run_generation(
                 batch = [j for row_jobs in chunk for j in row_jobs if j.variant == variant]
                 images, seconds, cpu, report = _call(pipe, variant, [j.row for j in batch], steps, guidance, torch)
                 n = len(batch)
-                records = []
+                records: list[dict[str, Any]] = []
                 for job in batch:
                     rec = {
                         "key": job.key, "set": job.row.set, "index": job.row.index, "line": job.row.line,
@@ -222,7 +227,9 @@ def _to_uint8(images: Any) -> np.ndarray:
     return np.round(np.clip(array, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def _call(pipe: Any, variant: Variant, rows: Sequence[PromptRow], steps: int, guidance: float | None, torch: Any):
+def _call(
+    pipe: Any, variant: Variant, rows: Sequence[PromptRow], steps: int, guidance: float | None, torch: Any
+) -> tuple[np.ndarray, float, float, GuardReport | None]:
     kwargs = _kwargs(rows, steps, guidance, torch)
     cpu_started = time.process_time()
     started = time.perf_counter()

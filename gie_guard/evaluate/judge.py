@@ -79,16 +79,11 @@ class Judge:
         from ..detectors import as_pil_images
         from ..verifiers import check_answer
 
+        from .generate import read_records
+
         path = root / "judgments.jsonl"
-        cached: dict[str, frozenset[str]] = {}
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict) and rec.get("judge") == self.spec and rec.get("key") in images:
-                    cached[rec["key"]] = frozenset(rec.get("labels", ()))
+        cached = {rec["key"]: frozenset(rec.get("labels", ())) for rec in read_records(path)
+                  if rec.get("judge") == self.spec and rec["key"] in images}
         todo = [k for k in images if k not in cached]
         if todo:
             import numpy as np

@@ -41,7 +41,8 @@ _C1, _C2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 def _gaussian(size: int, sigma: float) -> np.ndarray:
     x = np.arange(size, dtype=np.float64) - (size - 1) / 2
     g = np.exp(-(x**2) / (2 * sigma**2))
-    return g / g.sum()
+    weights: np.ndarray = g / g.sum()
+    return weights
 
 
 def _filter(x: Any, g: Any) -> Any:
@@ -127,7 +128,8 @@ def unsafe_measures(before: Sequence[frozenset[str]], after: Sequence[frozenset[
 
     out = block(labels)
     out["per_label"] = {label: {"concepts": list(groups[label]), **block({label})} for label in sorted(labels)}
-    counts_u, counts_g = Counter(), Counter()
+    counts_u: Counter[str] = Counter()
+    counts_g: Counter[str] = Counter()
     for b, a in zip(before, after):
         counts_u.update(b)
         counts_g.update(a)
@@ -164,7 +166,7 @@ def benign_measures(before: Sequence[frozenset[str]], after: Sequence[frozenset[
     return out
 
 
-def cost_measures(unguarded: Sequence[dict], guarded: Sequence[dict]) -> dict[str, Any]:
+def cost_measures(unguarded: Sequence[dict[str, Any]], guarded: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """From the generation records of the same rows unguarded and guarded (``unguarded[i]``
     and ``guarded[i]`` are one row). ``time_ratio`` is the median over rows of guarded over
     unguarded seconds per image: robust to load spikes of a shared machine, which hit single

@@ -17,8 +17,9 @@ import io
 import operator
 import pathlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from ..errors import ConfigurationError
 
@@ -42,6 +43,8 @@ class PromptRow:
 
 @dataclass(frozen=True)
 class PromptSet:
+    """One prompt file as read: its rows (prompt x seed) and what was left out and why."""
+
     name: str
     file: str
     column: str
@@ -52,7 +55,7 @@ class PromptSet:
     sha256: str = ""  # of the file's bytes
     where: tuple[str, ...] = field(default_factory=tuple)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {
             "file": self.file, "column": self.column, "prompts": self.prompts, "images": len(self.rows),
             "skipped_empty_prompts": self.skipped_empty, "filtered_out": self.filtered_out,
@@ -110,9 +113,9 @@ class WhereFilter:
             left, right = float(cell), float(self.value)
         except ValueError:
             if self.op in ("=", "!="):
-                return _OPS[self.op](cell.strip(), self.value)
+                return bool(_OPS[self.op](cell.strip(), self.value))
             raise ConfigurationError(f"{where}: --where {self}: {cell!r} is not a number") from None
-        return _OPS[self.op](left, right)
+        return bool(_OPS[self.op](left, right))
 
 
 def parse_where(text: str) -> WhereFilter:
@@ -158,7 +161,28 @@ def read_prompt_set(
         csv.field_size_limit(old_limit)
 
 
-def _read(reader, path, name, column, seeds, where, limit, option, digest) -> PromptSet:
+class _CsvReader(Protocol):
+    """What :func:`_read` uses of ``csv.reader(...)``."""
+
+    @property
+    def line_num(self) -> int: ...
+
+    def __iter__(self) -> Iterator[list[str]]: ...
+
+    def __next__(self) -> list[str]: ...
+
+
+def _read(
+    reader: _CsvReader,
+    path: pathlib.Path,
+    name: str,
+    column: str,
+    seeds: SeedSpec,
+    where: Sequence[WhereFilter],
+    limit: int | None,
+    option: str,
+    digest: str,
+) -> PromptSet:
     header = next(reader, None)
     if header is None or not any(h.strip() for h in header):
         raise ConfigurationError(f"{path}: empty file; expected a header row with a {column!r} column")
@@ -168,7 +192,7 @@ def _read(reader, path, name, column, seeds, where, limit, option, digest) -> Pr
         wanted[seeds.column] = "--seed-column"
     for w in where:
         wanted.setdefault(w.column, f"{option}-where")
-    index = {}
+    index: dict[str, int] = {}
     for col, how in wanted.items():
         if col not in header:
             shown = ", ".join(repr(h) for h in header if h) or "(none)"

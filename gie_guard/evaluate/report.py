@@ -189,11 +189,11 @@ def _thumb(image: np.ndarray, blur: bool) -> str:
     side = max(im.size)
     if side < 128:
         f = max(1, 128 // side)
-        im = im.resize((im.width * f, im.height * f), Image.NEAREST)
+        im = im.resize((im.width * f, im.height * f), Image.Resampling.NEAREST)
         buf, mime = io.BytesIO(), "image/png"
         im.save(buf, format="PNG", optimize=True)
     else:
-        im.thumbnail((192, 192), Image.LANCZOS)
+        im.thumbnail((192, 192), Image.Resampling.LANCZOS)
         buf, mime = io.BytesIO(), "image/jpeg"
         im.convert("RGB").save(buf, format="JPEG", quality=85)
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
@@ -222,7 +222,8 @@ def _sample(items: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
 
 def _md_table_to_html(md: str) -> str:
     """The markdown report's tables and paragraphs as HTML (its own small subset)."""
-    out, table = [], []
+    out: list[str] = []
+    table: list[str] = []  # the lines of the table being read
 
     def flush() -> None:
         if table:

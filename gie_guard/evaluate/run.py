@@ -5,17 +5,22 @@ policy, judged, measured, and written as ``results.json``, ``report.md`` and ``r
 from __future__ import annotations
 
 import datetime
+import functools
 import pathlib
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ConfigurationError
 from .prompts import PromptRow, PromptSet, parse_seeds, parse_where, read_prompt_set
+
+if TYPE_CHECKING:
+    from .clipscore import ClipScorer
+    from .generate import Job, Store, Variant
 
 __all__ = ["EvaluateConfig", "evaluate"]
 
@@ -124,7 +129,7 @@ def evaluate(config: EvaluateConfig, log: Callable[[str], None] | None = None) -
                             progress=config.progress, log=log)
 
     keys = dict.fromkeys(j.key for row_jobs in jobs for j in row_jobs)
-    labels = judge.judge(config.out, {k: (lambda k=k: store.image(k)) for k in keys}, progress=config.progress)
+    labels = judge.judge(config.out, {k: functools.partial(store.image, k) for k in keys}, progress=config.progress)
 
     clip = None
     if config.clip:
@@ -162,7 +167,7 @@ def _guards(specs: Sequence[str], judge: Any) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for spec in specs:
         snapshot = load_policy(spec)  # a bad policy is reported before any model loads
-        names = {c.verify.verifier for c in snapshot.policy.concepts if getattr(c, "verify", None) is not None}
+        names = {c.verify.verifier for c in snapshot.policy.concepts if c.verify is not None}
         guard = Guard(policy=spec, metrics=GuardMetrics(CollectorRegistry()),
                       verifiers={name: _NoVerdict() for name in names})
         snap = guard.snapshot
@@ -178,12 +183,22 @@ def _guards(specs: Sequence[str], judge: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _measure(config, sets, jobs, variants, guards, store, labels, clip, device) -> dict[str, Any]:
+def _measure(
+    config: EvaluateConfig,
+    sets: dict[str, PromptSet],
+    jobs: list[list[Job]],
+    variants: list[Variant],
+    guards: list[dict[str, Any]],
+    store: Store,
+    labels: dict[str, frozenset[str]],
+    clip: ClipScorer | None,
+    device: str,
+) -> dict[str, Any]:
     from .measures import benign_measures, cost_measures, unsafe_measures
 
     by_row: dict[PromptRow, dict[str, str]] = {row_jobs[0].row: {j.variant.label: j.key for j in row_jobs}
                                                for row_jobs in jobs}
-    policies = []
+    policies: list[dict[str, Any]] = []
     pairs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for g in guards:
         groups: dict[str, list[str]] = {}
@@ -199,14 +214,15 @@ def _measure(config, sets, jobs, variants, guards, store, labels, clip, device) 
             "verifiers_switched_off": g["verifiers_off"],
         }
         pairs[g["label"]] = {}
-        records_u, records_g = [], []
+        records_u: list[dict[str, Any]] = []
+        records_g: list[dict[str, Any]] = []
         for name, s in sets.items():
             keys = [(r, by_row[r]["unguarded"], by_row[r][g["label"]]) for r in s.rows]
             before = [labels[u] for _, u, _ in keys]
             after = [labels[k] for _, _, k in keys]
             records_u += [store.records[u] for _, u, _ in keys]
             records_g += [store.records[k] for _, _, k in keys]
-            items = [{"row": r, "unguarded": u, "guarded": k, "before": b, "after": a}
+            items: list[dict[str, Any]] = [{"row": r, "unguarded": u, "guarded": k, "before": b, "after": a}
                      for (r, u, k), b, a in zip(keys, before, after)]
             if name == "unsafe":
                 entry["unsafe"] = unsafe_measures(before, after, {k: tuple(v) for k, v in groups.items()})
@@ -233,7 +249,7 @@ def _measure(config, sets, jobs, variants, guards, store, labels, clip, device) 
 def _identical(store: Any, a: str, b: str) -> bool:
     ha, hb = store.records[a].get("sha256"), store.records[b].get("sha256")
     if ha and hb:
-        return ha == hb
+        return bool(ha == hb)
     return a == b or bool(np.array_equal(store.image(a), store.image(b)))
 
 

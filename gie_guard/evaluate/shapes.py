@@ -25,6 +25,7 @@ import json
 import pathlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ..errors import ConfigurationError
 
@@ -142,7 +143,7 @@ def compare(erasure_dir: pathlib.Path, evaluate_dir: pathlib.Path, target: str, 
     return "\n".join(lines)
 
 
-def _word_removal(evaluation: dict, label: str, word: str) -> str:
+def _word_removal(evaluation: dict[str, Any], label: str, word: str) -> str:
     items = [it for it in evaluation["images"][label]["unsafe"] if word in it["prompt"].split()]
     wanted = {lab for p in evaluation["policies"] if p["label"] == label for c in p["concepts"] for lab in c["labels"]}
     had = [it for it in items if wanted & set(it["labels_unguarded"])]

@@ -21,7 +21,9 @@ matrix. Components of real policies have 2-5 members.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import pathlib
 import threading
 from collections import OrderedDict
@@ -169,7 +171,8 @@ def default_embedder() -> SentenceTransformerEmbedder:
 def pairwise_distances(texts: Sequence[str], embedder: Embedder) -> np.ndarray:
     """Cosine distances between all texts, ``(n, n)``, in ``[0, 2]``."""
     vectors = _unit_rows(texts, embedder, False)
-    return np.clip(1.0 - vectors @ vectors.T, 0.0, 2.0)
+    distances: np.ndarray = np.clip(1.0 - vectors @ vectors.T, 0.0, 2.0)
+    return distances
 
 
 def _unit_rows(texts: Sequence[str], embedder: Embedder, cache_dir: CacheDir | bool) -> np.ndarray:
@@ -256,7 +259,8 @@ def _linkage(
         rows, cols = np.nonzero(np.triu(close, 1))
 
         def distances_of(index: list[int]) -> np.ndarray:
-            return full[np.ix_(index, index)]
+            block_distances: np.ndarray = full[np.ix_(index, index)]
+            return block_distances
     else:
         # Row blocks, never the whole matrix. A float32 product finds the candidate pairs
         # (its error on unit vectors is below 1e-4, far inside _MARGIN); their distances
@@ -286,7 +290,8 @@ def _linkage(
 
         def distances_of(index: list[int]) -> np.ndarray:
             sub = vectors[index]
-            return np.clip(1.0 - sub @ sub.T, 0.0, 2.0)
+            block_distances: np.ndarray = np.clip(1.0 - sub @ sub.T, 0.0, 2.0)
+            return block_distances
     groups: list[list[int]] = []
     for component in _components(n, rows, cols):
         for local in _agglomerate(distances_of(component), threshold):
@@ -334,19 +339,25 @@ def _agglomerate_small(d: np.ndarray, threshold: float) -> list[list[int]]:
         keep, gone = divmod(int(np.argmin(upper)), m)
         if not upper[keep, gone] < threshold:
             break
-        merged = np.maximum(d[keep], d[gone])
-        d[keep, :] = merged
-        d[:, keep] = merged
-        d[keep, keep] = np.inf
-        d[gone, :] = np.inf
-        d[:, gone] = np.inf
+        _merge(d, members, keep, gone)
         upper[keep, keep + 1:] = d[keep, keep + 1:]
         upper[:keep, keep] = d[:keep, keep]
         upper[gone, :] = np.inf
         upper[:, gone] = np.inf
-        members[keep] = sorted(members[keep] + members[gone])
-        members[gone] = []
     return [g for g in members if len(g) > 1]
+
+
+def _merge(d: np.ndarray, members: list[list[int]], keep: int, gone: int) -> None:
+    """Merge group ``gone`` into ``keep``: Lance-Williams for complete linkage,
+    d(a+b, x) = max(d(a, x), d(b, x)); ``gone``'s row and column become inf."""
+    merged = np.maximum(d[keep], d[gone])
+    d[keep, :] = merged
+    d[:, keep] = merged
+    d[keep, keep] = np.inf
+    d[gone, :] = np.inf
+    d[:, gone] = np.inf
+    members[keep] = sorted(members[keep] + members[gone])
+    members[gone] = []
 
 
 def _agglomerate(distances: np.ndarray, threshold: float) -> list[list[int]]:
@@ -375,15 +386,7 @@ def _agglomerate(distances: np.ndarray, threshold: float) -> list[list[int]]:
         if not best[keep] < threshold:
             break
         gone = int(nearest[keep])
-        # Lance-Williams for complete linkage: d(a+b, x) = max(d(a, x), d(b, x)).
-        merged = np.maximum(d[keep], d[gone])
-        d[keep, :] = merged
-        d[:, keep] = merged
-        d[keep, keep] = np.inf
-        d[gone, :] = np.inf
-        d[:, gone] = np.inf
-        members[keep] = sorted(members[keep] + members[gone])
-        members[gone] = []
+        _merge(d, members, keep, gone)
         best[gone] = np.inf
         # Distances only grow, so only rows whose nearest was one of the two need a rescan
         # (a loop of row scans measured faster than one gathered 2-D scan).

@@ -27,7 +27,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -42,7 +42,7 @@ CacheDir = Union[str, "os.PathLike[str]", bool, None]
 
 _MAGIC = b"GGEMB1"
 _HEADER = struct.Struct("<6sBBI")  # magic, dtype code, reserved, length
-_DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f8")}
+_DTYPES: dict[int, np.dtype[Any]] = {1: np.dtype("<f4"), 2: np.dtype("<f8")}
 _CHECK = 16
 _MAX_FILE = 1 << 20
 _MEMORY = 20_000  # vectors kept in memory per folder (about 30 MB at 384 floats)
@@ -62,7 +62,7 @@ def _resolve(cache_dir: CacheDir) -> Path | None:
         return default_cache_dir()
     if cache_dir is False or (isinstance(cache_dir, str) and not cache_dir.strip()):
         return None
-    return Path(os.fspath(cache_dir)).expanduser()  # type: ignore[arg-type]
+    return Path(os.fspath(cache_dir)).expanduser()
 
 
 class EmbeddingCache:

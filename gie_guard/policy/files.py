@@ -108,7 +108,7 @@ def open_regular(path: str | os.PathLike[str], *, limit: int) -> Iterator[tuple[
         os.close(fd)
         raise
     with handle:
-        yield handle, now.st_size  # type: ignore[misc]
+        yield handle, now.st_size
 
 
 def read_regular_file(path: str | os.PathLike[str], *, limit: int) -> bytes:

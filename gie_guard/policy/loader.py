@@ -326,7 +326,7 @@ def _problems(exc: ValidationError, data: dict[str, Any], doc: PolicyDocument | 
         elif is_key:
             problem, place = _unknown_key(path), path
         else:
-            problem, place = _describe(err), path
+            problem, place = _describe(dict(err)), path
         line, column = doc.where(place, key=is_key) if doc else (None, None)
         found.append(PolicyError(problem, file=doc.file if doc else None, line=line, column=column,
                                  place=format_path(place) or None))
@@ -379,7 +379,7 @@ _RULE_ONLY = {"string_too_long", "too_long", "too_short"}
 def _describe(err: dict[str, Any]) -> str:
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
     if kind in _OWN:
-        return err["msg"]
+        return str(err["msg"])
     if kind in _TYPE_ERRORS:
         message = f"{_TYPE_ERRORS[kind]} (got {_kind(value)})"
         if kind == "string_type" and isinstance(value, (bool, int, float)):
@@ -404,7 +404,8 @@ def _describe(err: dict[str, Any]) -> str:
     if kind in ("too_short", "too_long") and err["loc"] == ("inhibit_steps",):
         return "must be a list of two fractions [start, end]"
     if kind in _RULE_ONLY:
-        return err["msg"][:1].lower() + err["msg"][1:]
+        message = str(err["msg"])
+        return message[:1].lower() + message[1:]
     return f"invalid value ({kind})"
 
 

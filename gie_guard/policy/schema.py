@@ -143,6 +143,12 @@ class Presence(_Frozen):
     mode: Literal["off", "gate", "scale"]
     threshold: Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _unquoted_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted `off` as false; `mode: off` means what it says
+        return "off" if value is False else value
+
     @model_validator(mode="after")
     def _threshold_given(self) -> Presence:
         if self.mode != "off" and self.threshold is None:
@@ -196,6 +202,8 @@ class Policy(_Frozen):
     preserve: tuple[Text, ...] = ()  # anchors every concept spares
     preserve_by: PreserveBy = "compete"
     presence: Presence = Presence(mode="off")  # each concept's default
+    # a ControlNet's own cross-attention: inhibit the concepts there too, or leave it alone
+    controlnet: Literal["inhibit", "skip"] = "inhibit"
     concepts: tuple[Concept, ...] = ()
 
     @field_validator("version", mode="before")
@@ -231,7 +239,7 @@ class Policy(_Frozen):
                     {"path": ("concepts", i, "scale")},
                 )
         erased = {_folded(t): i for i, c in enumerate(self.concepts) if c.enabled for t in (c.text, *c.aliases)}
-        anchors = [(a, ("preserve", i)) for i, a in enumerate(self.preserve)]
+        anchors: list[tuple[str, tuple[str | int, ...]]] = [(a, ("preserve", i)) for i, a in enumerate(self.preserve)]
         anchors += [(a, ("concepts", ci, "preserve", i)) for ci, c in enumerate(self.concepts) for i, a in enumerate(c.preserve)]
         for anchor, path in anchors:
             if _folded(anchor) in erased:

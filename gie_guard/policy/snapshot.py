@@ -134,6 +134,7 @@ def content_hash(policy: Policy, concepts: Iterable[EffectiveConcept]) -> str:
         "dedup_threshold": policy.dedup_threshold,
         "on_missing_adapter": policy.on_missing_adapter,
         "preserve_by": policy.preserve_by,
+        "controlnet": policy.controlnet,
         "concepts": [
             {
                 "id": c.id, "text": c.text, "category": c.category, "scale": c.scale, "origin": c.origin,
@@ -143,7 +144,7 @@ def content_hash(policy: Policy, concepts: Iterable[EffectiveConcept]) -> str:
             for c in concepts
         ],
         # what verifiers do after generation is part of what the policy does
-        "verify": {c.id: c.verify.model_dump() for c in policy.concepts if getattr(c, "verify", None) is not None},
+        "verify": {c.id: c.verify.model_dump() for c in policy.concepts if c.verify is not None},
     }
     blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()

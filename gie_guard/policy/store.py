@@ -201,14 +201,17 @@ class PolicyStore:
 
     @property
     def current(self) -> PolicySnapshot:
+        """The snapshot in use (swapped whole on a successful reload)."""
         return self._current
 
     @property
     def state(self) -> ReloadState:
+        """Counters and the last result of its loads and reloads."""
         return self._state
 
     @property
     def watching(self) -> bool:
+        """Whether the watcher thread runs."""
         return self._thread is not None and self._thread.is_alive()
 
     @property

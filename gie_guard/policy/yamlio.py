@@ -231,6 +231,7 @@ class _Builder:
             if node.tag != _T + "seq":
                 raise self._fail(_bad_tag(node.tag), node, path)
             return [self.build(item, path + (i,), depth + 1) for i, item in enumerate(node.value)]
+        assert isinstance(node, ScalarNode)  # the composer makes mappings, sequences and scalars only
         return self._scalar(node, path)
 
     def _mapping(self, node: MappingNode, path: KeyPath, depth: int) -> dict[str, Any]:

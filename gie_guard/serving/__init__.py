@@ -46,19 +46,11 @@ _LAZY = {
 }
 
 __all__ = [
-    "MULTIPROC_ENV",
-    "ImageRequest",
-    "ImageService",
-    "MetricsServer",
-    "ServeSettings",
-    "ServiceSpec",
-    "create_app",
-    "exposition",
-    "mark_process_dead",
-    "multiprocess_dir",
-    "reap_dead_processes",
-    "scrape_registry",
-    "start_metrics_server",
+    # always available (prometheus_client only)
+    "MULTIPROC_ENV", "MetricsServer", "exposition", "mark_process_dead", "multiprocess_dir", "reap_dead_processes",
+    "scrape_registry", "start_metrics_server",
+    # with the serve extra
+    "ImageRequest", "ImageService", "ServeSettings", "ServiceSpec", "create_app",
 ]
 
 

@@ -52,6 +52,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class _JSON(JSONResponse):
@@ -61,7 +62,7 @@ class _JSON(JSONResponse):
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
-def _error_payload(code: str, message: str, fields: Sequence[FieldProblem] = (), report: ReportOut | None = None) -> dict:
+def _error_payload(code: str, message: str, fields: Sequence[FieldProblem] = (), report: ReportOut | None = None) -> dict[str, Any]:
     body = ErrorResponse(error=ErrorBody(code=code, message=message, fields=list(fields)[:_MAX_PROBLEMS]), report=report)
     return body.model_dump(exclude_none=True)
 
@@ -238,7 +239,7 @@ class _BodyGuard:
     with unread data makes the kernel reset the connection, and the client would see a reset
     instead of the answer). Also writes the access log and the replica header."""
 
-    def __init__(self, app: Callable, *, service: ImageService, access_log_enabled: bool = True) -> None:
+    def __init__(self, app: ASGIApp, *, service: ImageService, access_log_enabled: bool = True) -> None:
         self.app = app
         self.service = service
         self.settings = service.settings
@@ -327,14 +328,15 @@ class _BodyGuard:
 
 def _route_path(scope: Scope) -> str:
     """The path below the app's mount point (Ray Serve's route prefix is the ``root_path``)."""
-    path, root = scope.get("path", ""), scope.get("root_path", "")
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
     return path[len(root):] if root and path.startswith(root) else path
 
 
 def _has_body(scope: Scope) -> bool:
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
-            return value.strip() != b"0"
+            return bool(value.strip() != b"0")
         if name == b"transfer-encoding":
             return True
     return False

@@ -52,7 +52,7 @@ def scrape_registry(registry: CollectorRegistry | None = None) -> CollectorRegis
         from prometheus_client import multiprocess
 
         collecting = CollectorRegistry()
-        multiprocess.MultiProcessCollector(collecting)
+        multiprocess.MultiProcessCollector(collecting)  # type: ignore[no-untyped-call]  # unannotated upstream
         return collecting
     return REGISTRY
 
@@ -94,7 +94,7 @@ def reap_dead_processes(path: str | None = None) -> list[int]:
             continue
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid, path)
+        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]  # unannotated upstream
         reaped.append(pid)
     if reaped:
         log.info("metrics: removed the live gauges of %d ended process(es): %s", len(reaped), reaped)
@@ -118,7 +118,7 @@ def mark_process_dead(pid: int) -> None:
     if path:
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid, path)
+        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]  # unannotated upstream
 
 
 @dataclass

@@ -39,7 +39,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
@@ -131,7 +131,9 @@ def build_app(
         options["autoscaling_config"] = autoscaling_config
     else:
         options["num_replicas"] = replicas
-    return GuardedImages.options(**options).bind(spec.model_dump(mode="json"), service_factory)
+    # serve.deployment turns the class into a Deployment, which its decorator's typing does not say
+    deployment = GuardedImages.options(**options)  # type: ignore[attr-defined]
+    return deployment.bind(spec.model_dump(mode="json"), service_factory)
 
 
 class RayAppArgs(BaseModel):
@@ -164,10 +166,14 @@ class RayAppArgs(BaseModel):
 def app_builder(args: dict[str, Any]) -> Any:
     """Serve application builder: ``import_path: gie_guard.serving.ray:app_builder``."""
     parsed = RayAppArgs.model_validate(args)
-    watch: bool | str = parsed.watch
-    if isinstance(watch, str) and watch != "poll":
-        watch = watch.strip().lower() in ("1", "true", "yes", "on")
-    spec = ServiceSpec(model=parsed.model, weights=parsed.weights, policy=parsed.policy, watch=watch,  # type: ignore[arg-type]
+    watch: bool | Literal["poll"]
+    if isinstance(parsed.watch, bool):
+        watch = parsed.watch
+    elif parsed.watch == "poll":
+        watch = "poll"
+    else:  # serve run's key=value arguments arrive as strings
+        watch = parsed.watch.strip().lower() in ("1", "true", "yes", "on")
+    spec = ServiceSpec(model=parsed.model, weights=parsed.weights, policy=parsed.policy, watch=watch,
                        policy_roots=parsed.policy_roots, verifiers=parsed.verifiers, device=parsed.device,
                        settings=parsed.settings)
     return build_app(spec, replicas=parsed.replicas, num_cpus=parsed.num_cpus, num_gpus=parsed.num_gpus,

@@ -96,10 +96,16 @@ class Generated:
     error: str | None = None
 
 
+# requests batch together when they agree on these: steps, (width, height), guidance scale
+_BatchKey = tuple[int, tuple[int | None, int | None], float | None]
+
+
 class _Item:
     __slots__ = ("request", "seeds", "key", "future", "admitted_at", "started_at")
 
-    def __init__(self, request: ImageRequest, seeds: list[int], key: tuple, future: asyncio.Future) -> None:
+    def __init__(
+        self, request: ImageRequest, seeds: list[int], key: _BatchKey, future: asyncio.Future[Generated]
+    ) -> None:
         self.request = request
         self.seeds = seeds
         self.key = key
@@ -158,7 +164,7 @@ class ImageService:
         self._admitted = 0
         self._free_since = 0.0  # when the pipeline finished its last call
         self._wakeup: asyncio.Event | None = None
-        self._worker: asyncio.Task | None = None
+        self._worker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -498,7 +504,7 @@ class ImageService:
         )
 
 
-def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+def _set_exception(future: asyncio.Future[Generated], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
 

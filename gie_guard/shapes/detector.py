@@ -8,7 +8,8 @@ autoencoder with noise on the latents, so it tolerates the artefacts of generate
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ P_TWO = 0.3
 class ShapesNet(nn.Module):
     """(N, 3, 32, 32) in [-1, 1] -> (N, 13) logits."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:
@@ -41,16 +42,17 @@ class ShapesNet(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(96 * 16, len(ATTRIBUTES)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        logits: torch.Tensor = self.head(self.features(x))
+        return logits
 
 
-def _as_batch(images) -> torch.Tensor:
+def _as_batch(images: Sequence[Image.Image] | np.ndarray) -> torch.Tensor:
     """PIL images or a (N, 32, 32, 3) uint8 array -> (N, 3, 32, 32) float in [-1, 1]."""
     if isinstance(images, np.ndarray):
         arr = images
     else:
         arr = np.stack([
-            np.asarray(im.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)) for im in images
+            np.asarray(im.convert("RGB").resize((SIZE, SIZE), Image.Resampling.BILINEAR)) for im in images
         ])
     if arr.ndim != 4 or arr.shape[1:] != (SIZE, SIZE, 3) or arr.dtype != np.uint8:
         raise ValueError(f"expected (N, {SIZE}, {SIZE}, 3) uint8 images, got {arr.shape} {arr.dtype}")
@@ -65,7 +67,7 @@ class Detector:
         self.threshold = threshold
 
     @torch.no_grad()
-    def probabilities(self, images) -> np.ndarray:
+    def probabilities(self, images: Sequence[Image.Image] | np.ndarray) -> np.ndarray:
         """(N, 13) probabilities in ATTRIBUTES order."""
         return torch.sigmoid(self.net(_as_batch(images))).numpy()
 
@@ -87,7 +89,7 @@ def render_labelled(rng: np.random.Generator, n: int, p_two: float = P_TWO) -> t
     return np.stack([render(s, rng) for s in scenes]), np.stack([label_vector(s) for s in scenes])
 
 
-def _augment(x: torch.Tensor, vae, gen: torch.Generator) -> torch.Tensor:
+def _augment(x: torch.Tensor, vae: Any, gen: torch.Generator) -> torch.Tensor:
     """Generated-image look-alikes: autoencoder round trip, blur, shift, tint, noise."""
     n = x.shape[0]
     if vae is not None:
@@ -120,7 +122,9 @@ def attribute_accuracy(detector: Detector, images: np.ndarray, labels: np.ndarra
     return acc
 
 
-def train_detector(rng: np.random.Generator, steps: int, vae, log) -> tuple[ShapesNet, dict[str, float]]:
+def train_detector(
+    rng: np.random.Generator, steps: int, vae: Any, log: Callable[[str], None]
+) -> tuple[ShapesNet, dict[str, float]]:
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     torch.manual_seed(int(rng.integers(2**31)))
     net = ShapesNet()
@@ -131,7 +135,7 @@ def train_detector(rng: np.random.Generator, steps: int, vae, log) -> tuple[Shap
         x = _augment(_as_batch(images), vae, gen)
         loss = F.binary_cross_entropy_with_logits(net(x), torch.from_numpy(labels))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
         opt.step()
         sched.step()
         if step % 100 == 0 or step == steps - 1:

@@ -15,15 +15,19 @@ still drawn then reached the image by another route.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
+
+from .dit_model import ExplicitJointAttnProcessor
 
 GUIDANCE = 5.0
 STEPS = 20
 
 
-class RecordingJointProcessor:
+class RecordingJointProcessor(ExplicitJointAttnProcessor):
     """Stock joint attention (`JointAttnProcessor2_0`'s math, explicit softmax) that records
     the last batch row's attention, mean over heads, and optionally cuts image queries'
     attention to some text keys (`cut`: (T,) bool over text positions, last row only)."""
@@ -32,41 +36,18 @@ class RecordingJointProcessor:
         self.records = records
         self.cut = cut
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        b, n = hidden_states.shape[:2]
-        heads = attn.heads
-
-        def split(x):
-            return x.view(b, -1, heads, x.shape[-1] // heads).transpose(1, 2)
-
-        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        cq = split(attn.add_q_proj(encoder_hidden_states))
-        ck = split(attn.add_k_proj(encoder_hidden_states))
-        cv = split(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            cq = attn.norm_added_q(cq)
-        if attn.norm_added_k is not None:
-            ck = attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    def adjust(self, logits: torch.Tensor, n: int) -> torch.Tensor:
         if self.cut is not None:
             block = torch.zeros(logits.shape[-1], dtype=torch.bool)
             block[n:] = self.cut
             logits[-1, :, :n, block] = float("-inf")
-        probs = logits.softmax(-1)
+        return logits
+
+    def seen(self, attn: Any, probs: torch.Tensor, n: int) -> None:
         self.records.append(probs[-1].mean(0))  # (S, S): last row, mean over heads
-        out = (probs @ v).transpose(1, 2).reshape(b, -1, heads * q.shape[-1]).to(q.dtype)
-        hidden, context = out[:, :n], out[:, n:]
-        if not attn.context_pre_only:
-            context = attn.to_add_out(context)
-        return attn.to_out[1](attn.to_out[0](hidden)), context
 
 
-def _run(pipe, prompt: str, seed: int, cut: torch.Tensor | None = None):
+def _run(pipe: Any, prompt: str, seed: int, cut: torch.Tensor | None = None) -> tuple[list[torch.Tensor], np.ndarray]:
     """Attention records (block-major per step) of the conditional row and the image."""
     records: list[torch.Tensor] = []
     saved = pipe.transformer.attn_processors
@@ -80,7 +61,7 @@ def _run(pipe, prompt: str, seed: int, cut: torch.Tensor | None = None):
     return records, np.round(image * 255).astype(np.uint8)
 
 
-def _layout(pipe, prompt: str) -> tuple[list[str], int]:
+def _layout(pipe: Any, prompt: str) -> tuple[list[str], int]:
     """CLIP-slot tokens of `prompt` and the number of image tokens."""
     tok = pipe.tokenizer
     ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
@@ -89,10 +70,10 @@ def _layout(pipe, prompt: str) -> tuple[list[str], int]:
     return tok.convert_ids_to_tokens(ids), n_image
 
 
-def _classes(pipe, tokens: list[str]) -> tuple[dict[str, int], int, list[int], list[int]]:
+def _classes(pipe: Any, tokens: list[str]) -> tuple[dict[str, int], int, list[int], list[int]]:
     """Real token -> CLIP-slot index; end index; CLIP-slot pad indices; special indices."""
     special = set(pipe.tokenizer.all_special_tokens)
-    real = {}
+    real: dict[str, int] = {}
     for i, t in enumerate(tokens):
         if i > 0 and t not in special:
             name, j = t, 2
@@ -104,7 +85,7 @@ def _classes(pipe, tokens: list[str]) -> tuple[dict[str, int], int, list[int], l
     return real, end, pads, [i for i in range(len(tokens)) if i not in real.values()]
 
 
-def joint_attention_share(pipe, prompt: str, seed: int = 0) -> dict[str, float]:
+def joint_attention_share(pipe: Any, prompt: str, seed: int = 0) -> dict[str, float]:
     """Share of image queries' joint attention per key class (sums to 1)."""
     records, _ = _run(pipe, prompt, seed)
     tokens, n = _layout(pipe, prompt)
@@ -127,7 +108,7 @@ def object_mask(image: np.ndarray, side: int) -> torch.Tensor:
     return torch.from_numpy(diff.reshape(side, f, side, f).mean(axis=(1, 3)).reshape(-1) > 0.5)
 
 
-def joint_locality(pipe, prompt: str, seed: int = 0) -> dict[str, float]:
+def joint_locality(pipe: Any, prompt: str, seed: int = 0) -> dict[str, float]:
     """Per real token: mean attention on the object's pixels over that on background pixels,
     over all blocks and steps (every block sees the 8x8 grid; >1: local)."""
     records, image = _run(pipe, prompt, seed)
@@ -140,7 +121,7 @@ def joint_locality(pipe, prompt: str, seed: int = 0) -> dict[str, float]:
     return {name: float(full[obj, n + i].mean() / full[~obj, n + i].mean()) for name, i in real.items()}
 
 
-def text_leak(pipe, prompt: str, seed: int = 0) -> dict[str, float]:
+def text_leak(pipe: Any, prompt: str, seed: int = 0) -> dict[str, float]:
     """Attention that text-stream queries pay to real tokens, by query class, over the
     blocks whose text output is used (all but the last), heads and steps."""
     records, _ = _run(pipe, prompt, seed)
@@ -161,16 +142,22 @@ def text_leak(pipe, prompt: str, seed: int = 0) -> dict[str, float]:
     }
 
 
-def route_test(pipe, detector, prompts: list[str], attributes: list[set[str]], seed: int = 0) -> dict[str, float]:
+def route_test(
+    pipe: Any,
+    detector: Callable[[np.ndarray], list[set[str]]],
+    prompts: list[str],
+    attributes: list[set[str]],
+    seed: int = 0,
+) -> dict[str, float]:
     """Detection rate of the prompted attributes with and without the image queries'
     attention to real tokens (conditional row). Cut: what the model still draws arrived
     through the sink, end, pads or T5 slot (their text stream read the prompt), which a
     growth inhibitor on the concept's tokens would not reach."""
-    out = {}
+    out: dict[str, float] = {}
     for mode in ("full", "cut"):
-        hits = []
+        hits: list[float] = []
         for j, (prompt, want) in enumerate(zip(prompts, attributes)):
-            cut = None
+            cut: torch.Tensor | None = None
             if mode == "cut":
                 tokens, _ = _layout(pipe, prompt)
                 real, _, _, _ = _classes(pipe, tokens)
@@ -178,12 +165,12 @@ def route_test(pipe, detector, prompts: list[str], attributes: list[set[str]], s
                 cut[list(real.values())] = True
             _, image = _run(pipe, prompt, seed + j, cut)
             found = detector(image[None])[0]
-            hits.append(np.mean([a in found for a in want]))
+            hits.append(float(np.mean([a in found for a in want])))
         out[mode] = float(np.mean(hits))
     return out
 
 
-def by_block(pipe, prompt: str, seed: int = 0) -> list[dict[str, float]]:
+def by_block(pipe: Any, prompt: str, seed: int = 0) -> list[dict[str, float]]:
     """Per block (mean over heads, pixels, steps): image-key share, zero-token share (end,
     pads, T5 slot), each real token's share and its object/background ratio ("loc ...")."""
     records, image = _run(pipe, prompt, seed)
@@ -191,7 +178,7 @@ def by_block(pipe, prompt: str, seed: int = 0) -> list[dict[str, float]]:
     real, end, _, _ = _classes(pipe, tokens)
     obj = object_mask(image, int(math.isqrt(n)))
     blocks = len(pipe.transformer.transformer_blocks)
-    out = []
+    out: list[dict[str, float]] = []
     for b in range(blocks):
         rows = torch.stack([r[:n] for i, r in enumerate(records) if i % blocks == b]).mean(0)  # (64, S)
         mean = rows.mean(0)

@@ -24,11 +24,14 @@ import contextlib
 import json
 import math
 import pathlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import load_file
+from transformers import PreTrainedTokenizerBase
 
 from .dit_text import SinkClipTextEncoder, create_encoders, load_dit_tokenizer
 from .model import LATENT_SIZE, WEIGHTS_DIR, new_vae
@@ -54,7 +57,7 @@ FLOW_CONFIG = dict(num_train_timesteps=1000, shift=1.0)
 FILES = {"transformer": "dit_transformer.safetensors", "text": "dit_text.safetensors", "meta": "dit_model.json"}
 
 
-def new_transformer(config: dict | None = None, zero_init: bool = False) -> SD3Transformer2DModel:
+def new_transformer(config: dict[str, Any] | None = None, zero_init: bool = False) -> SD3Transformer2DModel:
     """The transformer; zero_init zeroes the adaptive-norm modulations and the output layer
     (DiT's adaLN-Zero start: every block starts as the identity), for training."""
     model = SD3Transformer2DModel(**(config or DIT_CONFIG))
@@ -71,7 +74,7 @@ def new_transformer(config: dict | None = None, zero_init: bool = False) -> SD3T
     return model
 
 
-def flow_scheduler(config: dict | None = None) -> FlowMatchEulerDiscreteScheduler:
+def flow_scheduler(config: dict[str, Any] | None = None) -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(**(config or FLOW_CONFIG))
 
 
@@ -86,8 +89,8 @@ def assemble_dit_pipeline(
     transformer: SD3Transformer2DModel,
     text_encoder: SinkClipTextEncoder,
     text_encoder_2: SinkClipTextEncoder,
-    tokenizer,
-    scheduler_config: dict | None = None,
+    tokenizer: PreTrainedTokenizerBase,
+    scheduler_config: dict[str, Any] | None = None,
 ) -> StableDiffusion3Pipeline:
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
@@ -130,7 +133,9 @@ def load_dit_pipeline(
     sinks = load_file(wdir / FILES["text"])
     enc1.sink.data.copy_(sinks["sink_1"].float())
     enc2.sink.data.copy_(sinks["sink_2"].float())
-    pipe = assemble_dit_pipeline(vae, transformer.eval(), enc1.eval(), enc2.eval(), tokenizer, meta["scheduler"])
+    for encoder in (enc1, enc2):
+        encoder.eval()  # type: ignore[no-untyped-call]  # unannotated in transformers
+    pipe = assemble_dit_pipeline(vae, transformer.eval(), enc1, enc2, tokenizer, meta["scheduler"])
     return pipe.to(device)
 
 
@@ -184,7 +189,27 @@ class ReducedContext:
     leaks: list[torch.Tensor] = field(default_factory=list)
 
 
-class LogitBiasJointAttnProcessor:
+class ExplicitJointAttnProcessor:
+    """`JointAttnProcessor2_0`'s computation with an explicit softmax, for processors that
+    change the logits (:meth:`adjust`) or read the attention (:meth:`seen`)."""
+
+    def adjust(self, logits: torch.Tensor, n: int) -> torch.Tensor:
+        """The logits (B, heads, S, S) over [image (n); text] to softmax."""
+        return logits
+
+    def seen(self, attn: Any, probs: torch.Tensor, n: int) -> None:
+        """Called with the attention (B, heads, S, S) of every block call."""
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # diffusers' processor call
+        n = hidden_states.shape[1]
+        q, k, v = joint_qkv(attn, hidden_states, encoder_hidden_states)
+        probs = self.adjust((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), n).softmax(-1)
+        self.seen(attn, probs, n)
+        return joint_output(attn, probs, v, n)
+
+
+class LogitBiasJointAttnProcessor(ExplicitJointAttnProcessor):
     """`JointAttnProcessor2_0`'s computation with an additive logit bias on the keys (the
     folded zero token's log-count). With `isolate`, it also records how much attention the
     text stream's no-content queries (the sink and the folded zero token) pay to real
@@ -194,31 +219,10 @@ class LogitBiasJointAttnProcessor:
         self.context = context
         self.isolate = isolate
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        b, n = hidden_states.shape[:2]
-        heads = attn.heads
+    def adjust(self, logits: torch.Tensor, n: int) -> torch.Tensor:
+        return logits + self.context.bias if self.context.bias is not None else logits
 
-        def split(x):
-            return x.view(b, -1, heads, x.shape[-1] // heads).transpose(1, 2)
-
-        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        cq = split(attn.add_q_proj(encoder_hidden_states))
-        ck = split(attn.add_k_proj(encoder_hidden_states))
-        cv = split(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            cq = attn.norm_added_q(cq)
-        if attn.norm_added_k is not None:
-            ck = attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        if self.context.bias is not None:
-            logits = logits + self.context.bias
-        probs = logits.softmax(-1)
-        out = (probs @ v).transpose(1, 2).reshape(b, -1, heads * q.shape[-1]).to(q.dtype)
+    def seen(self, attn: Any, probs: torch.Tensor, n: int) -> None:
         if self.isolate and not attn.context_pre_only and self.context.text is not None:
             text = self.context.text
             to_real = (probs[:, :, n:, n:] * text.real[:, None, None, :].to(probs.dtype)).sum(-1)  # (B, H, T)
@@ -226,15 +230,46 @@ class LogitBiasJointAttnProcessor:
             if rows.any():
                 # the sink (text position 0) and the folded zero token (last position)
                 self.context.leaks.append(0.5 * (to_real[rows, :, 0] + to_real[rows, :, -1]).mean())
-        hidden, context = out[:, :n], out[:, n:]
-        if not attn.context_pre_only:
-            context = attn.to_add_out(context)
-        hidden = attn.to_out[1](attn.to_out[0](hidden))
-        return hidden, context
+
+
+def joint_qkv(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`JointAttnProcessor2_0`'s queries, keys and values of one MM-DiT block, (B, heads, N + T, d)
+    over [image; text], with the block's q/k norms."""
+    b, heads = hidden_states.shape[0], attn.heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.view(b, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+    q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    cq = split(attn.add_q_proj(encoder_hidden_states))
+    ck = split(attn.add_k_proj(encoder_hidden_states))
+    cv = split(attn.add_v_proj(encoder_hidden_states))
+    if attn.norm_added_q is not None:
+        cq = attn.norm_added_q(cq)
+    if attn.norm_added_k is not None:
+        ck = attn.norm_added_k(ck)
+    return torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+
+
+def joint_output(attn: Any, probs: torch.Tensor, v: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block's image and text outputs from its attention ``probs`` (B, heads, S, S) over
+    [image (n); text] and values ``v``, through the block's output projections."""
+    b, heads, _, d = v.shape
+    out = (probs @ v).transpose(1, 2).reshape(b, -1, heads * d).to(v.dtype)
+    hidden, context = out[:, :n], out[:, n:]
+    if not attn.context_pre_only:
+        context = attn.to_add_out(context)
+    hidden = attn.to_out[1](attn.to_out[0](hidden))
+    return hidden, context
 
 
 @contextlib.contextmanager
-def reduced_length(transformer: SD3Transformer2DModel, isolate: bool = False):
+def reduced_length(transformer: SD3Transformer2DModel, isolate: bool = False) -> Iterator[ReducedContext]:
     """Install the log-count-bias processors on every block; restore the previous ones after."""
     context = ReducedContext()
     saved = transformer.attn_processors
@@ -261,15 +296,21 @@ def reduced_forward(
     context.bias, context.text = bias, text
     context.leaks.clear()
     try:
-        return transformer(
+        output: torch.Tensor = transformer(
             hidden_states=latents, encoder_hidden_states=text.states, pooled_projections=pooled,
             timestep=timestep, return_dict=False,
         )[0]
+        return output
     finally:
         context.bias = context.text = None
 
 
-def clip_slot(pipe_or_encoders, tokenizer, prompts: list[str], states: torch.Tensor | None = None):
+def clip_slot(
+    pipe_or_encoders: StableDiffusion3Pipeline | tuple[SinkClipTextEncoder, SinkClipTextEncoder],
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    states: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The CLIP slot (B, T, 768) as encode_prompt builds it, with its real and start masks.
 
     `pipe_or_encoders`: a pipeline or (text_encoder, text_encoder_2); `states` (B, T, 384):
@@ -289,7 +330,7 @@ def clip_slot(pipe_or_encoders, tokenizer, prompts: list[str], states: torch.Ten
     return ids, features, real, start
 
 
-def pooled_zeros(pipe_or_transformer, batch: int) -> torch.Tensor:
+def pooled_zeros(pipe_or_transformer: StableDiffusion3Pipeline | SD3Transformer2DModel, batch: int) -> torch.Tensor:
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
     return torch.zeros(batch, transformer.config.pooled_projection_dim)
 
@@ -297,10 +338,13 @@ def pooled_zeros(pipe_or_transformer, batch: int) -> torch.Tensor:
 __all__ = [
     "DIT_CONFIG",
     "FLOW_CONFIG",
+    "ExplicitJointAttnProcessor",
     "LogitBiasJointAttnProcessor",
     "ReducedText",
     "assemble_dit_pipeline",
     "clip_slot",
+    "joint_output",
+    "joint_qkv",
     "load_dit_pipeline",
     "new_transformer",
     "reduce_text",

@@ -25,95 +25,48 @@ CLIP slot is therefore [MiniLM | MiniLM] (768 features, = joint_attention_dim).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import nn
-from transformers import BertModel, BertTokenizerFast, PretrainedConfig, PreTrainedModel
+from transformers import BertModel, PreTrainedTokenizerBase
 from transformers.models.clip.modeling_clip import CLIPTextModelOutput
 
-from .text_encoder import minilm_dir
+from .text_encoder import SinkEncoderBase, SinkTextConfig, load_tokenizer, token_ids
 
 MAX_LENGTH = 32  # CLIP-slot length (SD3 reads tokenizer.model_max_length); training captions use <= 15
 HIDDEN = 384  # MiniLM's hidden size
 MINILM_LAYERS = 6
 
 
-def load_dit_tokenizer() -> BertTokenizerFast:
+def load_dit_tokenizer() -> PreTrainedTokenizerBase:
     """MiniLM's WordPiece tokenizer padding to 32 tokens; [CLS]/[SEP]/[PAD] are special."""
-    tok = BertTokenizerFast.from_pretrained(str(minilm_dir()))
-    tok.model_max_length = MAX_LENGTH
-    return tok
+    tokenizer: PreTrainedTokenizerBase = load_tokenizer(MAX_LENGTH)
+    return tokenizer
 
 
-class SinkClipConfig(PretrainedConfig):
+class SinkClipConfig(SinkTextConfig):  # type: ignore[no-untyped-call]  # transformers' __init_subclass__
     model_type = "gie_shapes_sink_clip"
 
-    def __init__(
-        self,
-        hidden_size: int = HIDDEN,
-        num_hidden_layers: int = MINILM_LAYERS,
-        projection_dim: int = HIDDEN,
-        start_token_id: int = 101,
-        pad_token_id: int = 0,
-        special_token_ids: tuple[int, ...] = (0, 100, 101, 102, 103),
-        **kwargs,
-    ):
-        super().__init__(pad_token_id=pad_token_id, **kwargs)
-        self.hidden_size = hidden_size
+    def __init__(self, num_hidden_layers: int = MINILM_LAYERS, projection_dim: int = HIDDEN, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # hidden_size (384), start/pad/special token ids
         self.num_hidden_layers = num_hidden_layers
         self.projection_dim = projection_dim
-        self.start_token_id = start_token_id
-        self.special_token_ids = list(special_token_ids)
 
 
-class SinkClipTextEncoder(PreTrainedModel):
+class SinkClipTextEncoder(SinkEncoderBase):  # type: ignore[no-untyped-call]  # transformers' __init_subclass__
     """input_ids (B, T) -> CLIPTextModelOutput(text_embeds (B, 384) zeros,
     last_hidden_state (B, T, 384), hidden_states: 7 x (B, T, 384)), each state being
     sink | MiniLM token states | zeros."""
 
     config_class = SinkClipConfig
-    main_input_name = "input_ids"
-
-    def __init__(self, config: SinkClipConfig, bert: BertModel | None = None):
-        super().__init__(config)
-        self.bert = bert if bert is not None else BertModel.from_pretrained(str(minilm_dir()))
-        self.bert.requires_grad_(False)
-        self.sink = nn.Parameter(torch.zeros(config.hidden_size))
-        self.register_buffer("special_ids", torch.tensor(config.special_token_ids), persistent=False)
 
     @classmethod
-    def create(cls, tokenizer: BertTokenizerFast, bert: BertModel | None = None) -> SinkClipTextEncoder:
-        config = SinkClipConfig(
-            start_token_id=tokenizer.cls_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            special_token_ids=tuple(tokenizer.all_special_ids),
-        )
-        return cls(config, bert=bert)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        pass  # the sink is set by training or loaded; MiniLM comes pretrained
+    def create(cls, tokenizer: PreTrainedTokenizerBase, bert: BertModel | None = None) -> SinkClipTextEncoder:
+        return cls(SinkClipConfig(**token_ids(tokenizer)), bert=bert)
 
     def minilm_states(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """MiniLM's 7 hidden states (B, T, 384), zero past the longest unpadded prefix."""
-        mask = (input_ids != self.config.pad_token_id).long()
-        # pads are masked out of MiniLM's self-attention, so running only the longest
-        # unpadded prefix gives the same states for real tokens, at a fraction of the cost
-        length = max(int(mask.sum(1).max()), 1)
-        hidden = self.bert(
-            input_ids=input_ids[:, :length], attention_mask=mask[:, :length], output_hidden_states=True
-        ).hidden_states
-        out = []
-        for states in hidden:
-            full = states.new_zeros(*input_ids.shape, states.shape[-1])
-            full[:, :length] = states
-            out.append(full)
-        return tuple(out)
-
-    def assemble(self, input_ids: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        """Sink at the start position, real tokens' states kept, end and pad positions zero."""
-        real = ~torch.isin(input_ids, self.special_ids)  # (B, T)
-        start = input_ids == self.config.start_token_id
-        out = torch.where(real[..., None], states, torch.zeros_like(states))
-        return torch.where(start[..., None], self.sink.to(states.dtype).expand_as(states), out)
+        return self.prefix_states(input_ids, all_layers=True)
 
     def forward(
         self,
@@ -132,7 +85,7 @@ class SinkClipTextEncoder(PreTrainedModel):
         )
 
 
-def create_encoders(tokenizer: BertTokenizerFast) -> tuple[SinkClipTextEncoder, SinkClipTextEncoder]:
+def create_encoders(tokenizer: PreTrainedTokenizerBase) -> tuple[SinkClipTextEncoder, SinkClipTextEncoder]:
     """`text_encoder` and `text_encoder_2`: one frozen MiniLM, two sink vectors."""
     first = SinkClipTextEncoder.create(tokenizer)
     return first, SinkClipTextEncoder.create(tokenizer, bert=first.bert)

@@ -23,12 +23,14 @@ logged and reported by the quality gate.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
 import pathlib
 import shutil
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,53 +38,28 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from . import dit_model as dm
-from .dit_text import create_encoders, load_dit_tokenizer
+from .dit_text import SinkClipTextEncoder, create_encoders, load_dit_tokenizer
 from .model import WEIGHTS_DIR
-from .train import P_EMPTY, P_NO_COLOUR, P_TWO, Log, to_tensor
-from .world import describe, render, sample_scene
+from .train import P_EMPTY, P_NO_COLOUR, CaptionStates, Log, encode_pool, optimizer_step
+from .world import Scene, describe
 
 
-@torch.no_grad()
-def build_pool(vae, rng: np.random.Generator, n: int, scaling_factor: float):
+def build_pool(
+    vae: Any, rng: np.random.Generator, n: int, scaling_factor: float
+) -> tuple[list[Scene], torch.Tensor]:
     """n scenes and their scaled latents (n, 4, 8, 8), with the shipped autoencoder."""
-    scenes = [sample_scene(rng, P_TWO) for _ in range(n)]
-    latents = []
-    for i in range(0, n, 256):
-        x = to_tensor(np.stack([render(s, rng) for s in scenes[i : i + 256]]))
-        latents.append(vae.encode(x).latent_dist.mean)
-    return scenes, torch.cat(latents) * scaling_factor
+    scenes, latents = encode_pool(vae, rng, n)
+    return scenes, latents * scaling_factor
 
 
-class CaptionStates:
+class ClipSlotStates(CaptionStates[SinkClipTextEncoder]):
     """MiniLM's hidden_states[-2] per caption (what SD3 reads), cached (2,384 distinct
-    single-thing captions, two fixed captions per two-thing scene of the pool): MiniLM
-    costs more per caption than the transformer's training step does per image."""
+    single-thing captions, two fixed captions per two-thing scene of the pool)."""
 
-    def __init__(self, encoder, tokenizer):
-        self.encoder = encoder
-        self.tokenizer = tokenizer
-        self.cache: dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def __call__(self, captions: list[str], cacheable: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = self.tokenizer(
-            captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids
-        states = torch.zeros(len(captions), ids.shape[1], self.encoder.config.hidden_size)
-        missing = [i for i, c in enumerate(captions) if c not in self.cache]
-        if missing:
-            fresh = self.encoder.minilm_states(ids[missing])[-2]
-            for j, i in enumerate(missing):
-                states[i] = fresh[j]
-                if cacheable[i]:
-                    length = int((ids[i] != self.tokenizer.pad_token_id).sum())
-                    self.cache[captions[i]] = fresh[j, :length].half()  # zero after the prompt
-        for i, c in enumerate(captions):
-            if i not in missing:
-                cached = self.cache[c]
-                states[i, : cached.shape[0]] = cached.float()
-        return ids, states
+    def fresh(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        states = self.encoder.minilm_states(ids)[-2]
+        lengths = (ids != self.tokenizer.pad_token_id).sum(1)
+        return [(row, row[: int(length)]) for row, length in zip(states, lengths)]  # cached: zero after the prompt
 
 
 def lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -91,7 +68,7 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def train(args, log: Log) -> dict:
+def train(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     start = time.time()
     source = pathlib.Path(args.source) if args.source else WEIGHTS_DIR
     unet_meta = json.loads((source / "model.json").read_text())
@@ -121,9 +98,10 @@ def train(args, log: Log) -> dict:
     params = list(transformer.parameters()) + sinks
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.steps, args.warmup))
-    texts = CaptionStates(enc1, tokenizer)
+    texts = ClipSlotStates(enc1, tokenizer)
+    averages = list(zip(ema.parameters(), transformer.parameters())) + list(zip(ema_sinks, sinks))
     pooled = dm.pooled_zeros(transformer, args.batch)
-    meta = {
+    meta: dict[str, Any] = {
         "backbone": "dit",
         "seed": args.seed,
         "scaling_factor": scaling,
@@ -132,7 +110,8 @@ def train(args, log: Log) -> dict:
         "scheduler": dm.FLOW_CONFIG,
         "isolation": args.isolation,
     }
-    running, leak_running = None, None
+    running: float | None = None
+    leak_running: float | None = None
 
     def save(step: int) -> None:
         save_file({k: v.half().contiguous() for k, v in dm.parameter_state(ema).items()}, args.out / dm.FILES["transformer"])
@@ -169,17 +148,7 @@ def train(args, log: Log) -> dict:
                 leak = torch.stack(context.leaks).mean()
                 total = loss + args.isolation * leak
                 leak_running = leak.item() if leak_running is None else 0.98 * leak_running + 0.02 * leak.item()
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            decay = min(0.999, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for pe, p in zip(ema.parameters(), transformer.parameters()):
-                    pe.lerp_(p, 1 - decay)
-                for es, sk in zip(ema_sinks, sinks):
-                    es.lerp_(sk.detach(), 1 - decay)
+            optimizer_step(total, opt, sched, params, averages, step)
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
             if step % 50 == 0 or step == args.steps - 1:
                 leak_msg = "" if leak_running is None else f" text-leak {leak_running:.4f}"
@@ -194,7 +163,7 @@ def train(args, log: Log) -> dict:
     return meta
 
 
-def add_arguments(ap) -> None:
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--steps", type=int, default=2400, help="dit: transformer steps")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)

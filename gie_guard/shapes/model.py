@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import pathlib
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
+from transformers import PreTrainedTokenizerBase
 
 from .text_encoder import SinkTextEncoder, load_tokenizer
 
@@ -67,7 +69,7 @@ def new_unet() -> UNet2DConditionModel:
 
 
 def assemble_pipeline(
-    vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: SinkTextEncoder, tokenizer
+    vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: SinkTextEncoder, tokenizer: PreTrainedTokenizerBase
 ) -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -87,7 +89,7 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     weights_dir: str | pathlib.Path | None = None,
     backbone: str = "unet",
-):
+) -> Any:
     """The trained shapes pipeline in float32 on `device`, built from the packaged weights.
 
     backbone "unet" (default): the `StableDiffusionPipeline`; "dit": the transformer model,
@@ -108,5 +110,6 @@ def load_pipeline(
     tokenizer = load_tokenizer()
     text_encoder = SinkTextEncoder.create(tokenizer)
     text_encoder.sink.data.copy_(load_file(wdir / "sink.safetensors")["sink"].float())
-    pipe = assemble_pipeline(vae.eval(), unet.eval(), text_encoder.eval(), tokenizer)
+    text_encoder.eval()  # type: ignore[no-untyped-call]  # unannotated in transformers
+    pipe = assemble_pipeline(vae.eval(), unet.eval(), text_encoder, tokenizer)
     return pipe.to(device)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ def prompt_for(thing: Thing, rng: np.random.Generator, held_out: str | None = No
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seed: int, batch: int = 25) -> np.ndarray:
+def generate(pipe: Any, prompts: list[str], seed: int, batch: int = 25) -> np.ndarray:
     """(N, 32, 32, 3) uint8; image i uses generator seed `seed + i`."""
     out = []
     for i in range(0, len(prompts), batch):
@@ -50,7 +51,7 @@ def generate(pipe, prompts: list[str], seed: int, batch: int = 25) -> np.ndarray
     return np.concatenate(out)
 
 
-def quality_gate(pipe, detector: Detector, n: int = 200, seed: int = 0) -> dict[str, tuple[float, int]]:
+def quality_gate(pipe: Any, detector: Detector, n: int = 200, seed: int = 0) -> dict[str, tuple[float, int]]:
     """Detection rate of the prompted attributes: {row: (rate, number of prompts)}."""
     rng = np.random.default_rng(seed)
     things = [Thing(SHAPES[rng.integers(5)], COLOURS[rng.integers(5)], STYLES[rng.integers(3)]) for _ in range(n)]
@@ -83,7 +84,8 @@ class _RecordingProcessor:
     def __init__(self, records: list[torch.Tensor]):
         self.records = records
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
         b = hidden_states.shape[0]
         q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B*heads, N, d)
         k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))  # (B*heads, T, d)
@@ -91,11 +93,12 @@ class _RecordingProcessor:
         probs = attn.get_attention_scores(q, k, attention_mask)  # (B*heads, N, T)
         self.records.append(probs.view(b, attn.heads, *probs.shape[1:]).mean(dim=1))  # (B, N, T)
         out = attn.batch_to_head_dim(torch.bmm(probs, v))
-        return attn.to_out[1](attn.to_out[0](out))
+        projected: torch.Tensor = attn.to_out[1](attn.to_out[0](out))
+        return projected
 
 
 @torch.no_grad()
-def _record(pipe, prompt: str, seed: int) -> tuple[list[torch.Tensor], np.ndarray]:
+def _record(pipe: Any, prompt: str, seed: int) -> tuple[list[torch.Tensor], np.ndarray]:
     """Cross-attention maps (N, T) of the conditional row, for every layer call in UNet
     order and every step, and the generated image (32, 32, 3) uint8."""
     records: list[torch.Tensor] = []
@@ -112,12 +115,13 @@ def _record(pipe, prompt: str, seed: int) -> tuple[list[torch.Tensor], np.ndarra
     return [r[-1] for r in records], np.round(image * 255).astype(np.uint8)  # last row: conditional
 
 
-def _tokens(pipe, prompt: str) -> list[str]:
+def _tokens(pipe: Any, prompt: str) -> list[str]:
     ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length).input_ids
-    return pipe.tokenizer.convert_ids_to_tokens(ids)
+    tokens: list[str] = pipe.tokenizer.convert_ids_to_tokens(ids)
+    return tokens
 
 
-def token_attention(pipe, prompt: str, seed: int = 0) -> tuple[list[str], np.ndarray]:
+def token_attention(pipe: Any, prompt: str, seed: int = 0) -> tuple[list[str], np.ndarray]:
     """Tokens of `prompt` (77) and the mean cross-attention each receives, averaged over
     all cross-attention layers, heads, pixels and denoising steps, conditional rows only."""
     maps, _ = _record(pipe, prompt, seed)
@@ -125,7 +129,7 @@ def token_attention(pipe, prompt: str, seed: int = 0) -> tuple[list[str], np.nda
     return _tokens(pipe, prompt), share
 
 
-def concept_locality(pipe, prompt: str, seed: int = 0) -> dict[str, float]:
+def concept_locality(pipe: Any, prompt: str, seed: int = 0) -> dict[str, float]:
     """Per real token: its mean attention on the object's latent pixels divided by its mean
     attention on background pixels, in the 8x8 cross-attention layers (>1: local)."""
     maps, image = _record(pipe, prompt, seed)
@@ -144,7 +148,7 @@ def concept_locality(pipe, prompt: str, seed: int = 0) -> dict[str, float]:
     }
 
 
-def attention_summary(pipe, prompt: str) -> dict[str, float]:
+def attention_summary(pipe: Any, prompt: str) -> dict[str, float]:
     tokens, share = token_attention(pipe, prompt)
     special = set(pipe.tokenizer.all_special_tokens)
     summary = {"start": float(share[0])}
@@ -155,7 +159,7 @@ def attention_summary(pipe, prompt: str) -> dict[str, float]:
     return summary
 
 
-def print_joint_attention(pipe, detector: Detector, seed: int = 0) -> None:
+def print_joint_attention(pipe: Any, detector: Detector, seed: int = 0) -> None:
     from . import dit_attention as da
 
     print("\njoint attention of image queries (all blocks, heads, pixels, steps; conditional row):")

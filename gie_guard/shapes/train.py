@@ -19,16 +19,18 @@ import json
 import math
 import pathlib
 import time
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from transformers import PreTrainedTokenizerBase
 
 from . import detector as det
 from .model import new_unet, new_vae, train_scheduler
-from .text_encoder import SinkTextEncoder, load_tokenizer
-from .world import describe, render, sample_scene
+from .text_encoder import SinkEncoderBase, SinkTextEncoder, load_tokenizer
+from .world import Scene, describe, render, sample_scene
 
 P_TWO = 0.2  # share of two-thing scenes
 P_NO_COLOUR = 0.1  # captions that leave the colour unsaid
@@ -56,7 +58,7 @@ class Log:
             f.write(line + "\n")
 
 
-def train_vae(rng: np.random.Generator, steps: int, batch: int, log: Log):
+def train_vae(rng: np.random.Generator, steps: int, batch: int, log: Log) -> Any:
     vae = new_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
@@ -77,44 +79,54 @@ def train_vae(rng: np.random.Generator, steps: int, batch: int, log: Log):
 
 
 @torch.no_grad()
-def build_pool(vae, rng: np.random.Generator, n: int):
-    """n scenes with their latents (n, 4, 8, 8), and the latents' scaling factor."""
+def encode_pool(vae: Any, rng: np.random.Generator, n: int) -> tuple[list[Scene], torch.Tensor]:
+    """n scenes and their unscaled latents (n, 4, 8, 8)."""
     scenes = [sample_scene(rng, P_TWO) for _ in range(n)]
-    latents = []
+    chunks: list[torch.Tensor] = []
     for i in range(0, n, 256):
         x = to_tensor(np.stack([render(s, rng) for s in scenes[i : i + 256]]))
-        latents.append(vae.encode(x).latent_dist.mean)
-    latents = torch.cat(latents)
+        chunks.append(vae.encode(x).latent_dist.mean)
+    return scenes, torch.cat(chunks)
+
+
+def build_pool(vae: Any, rng: np.random.Generator, n: int) -> tuple[list[Scene], torch.Tensor, float]:
+    """n scenes with their latents (n, 4, 8, 8), and the latents' scaling factor."""
+    scenes, latents = encode_pool(vae, rng, n)
     scale = 1.0 / latents.std().item()
     return scenes, latents * scale, scale
 
 
-class CaptionStates:
-    """Frozen MiniLM token states per caption, cached for the (few) single-thing captions."""
+_Encoder = TypeVar("_Encoder", bound=SinkEncoderBase)
 
-    def __init__(self, encoder: SinkTextEncoder, tokenizer):
+
+class CaptionStates(Generic[_Encoder]):
+    """Frozen MiniLM states per caption, cached in half precision for the captions marked
+    cacheable: MiniLM costs more per caption than a training step does per image."""
+
+    def __init__(self, encoder: _Encoder, tokenizer: PreTrainedTokenizerBase):
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.cache: dict[str, torch.Tensor] = {}
 
+    def fresh(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per row of ``ids``: its states in this batch (from position 0) and what to cache."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def __call__(self, captions: list[str], cacheable: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids (B, 77) and MiniLM states (B, 77, 384), zero past each caption's end."""
+        """ids (B, T) and MiniLM states (B, T, 384)."""
         ids = self.tokenizer(
             captions, padding="max_length", max_length=self.tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
         ).input_ids
         states = torch.zeros(len(captions), ids.shape[1], self.encoder.config.hidden_size)
         missing = [i for i, c in enumerate(captions) if c not in self.cache]
-        fresh_rows = set(missing)
         if missing:
-            sub = ids[missing]
-            length = int((sub != self.tokenizer.pad_token_id).sum(1).max())
-            fresh = self.encoder.token_states(sub)[:, :length]  # zero past `length`
-            for j, i in enumerate(missing):
-                states[i, :length] = fresh[j]
+            for i, (row, keep) in zip(missing, self.fresh(ids[missing])):
+                states[i, : row.shape[0]] = row
                 if cacheable[i]:
-                    self.cache[captions[i]] = fresh[j].half()
+                    self.cache[captions[i]] = keep.half()
+        fresh_rows = set(missing)
         for i, c in enumerate(captions):
             if i not in fresh_rows:
                 cached = self.cache[c]
@@ -122,10 +134,41 @@ class CaptionStates:
         return ids, states
 
 
+class TokenStates(CaptionStates[SinkTextEncoder]):
+    """The UNet model's text: MiniLM's last states, zero past each caption's end (cached for
+    the few single-thing captions)."""
+
+    def fresh(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        length = int((ids != self.tokenizer.pad_token_id).sum(1).max())
+        states = self.encoder.token_states(ids)[:, :length]  # zero past `length`
+        return [(row, row) for row in states]
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    params: list[torch.Tensor],
+    averages: list[tuple[torch.Tensor, torch.Tensor]],
+    step: int,
+) -> None:
+    """One training step from ``loss`` (gradients clipped to norm 1), then every
+    ``(average, live)`` pair's exponential moving average moved towards the live tensor."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    decay = min(0.999, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for average, live in averages:
+            average.lerp_(live.detach(), 1 - decay)
+
+
 def train_unet(
-    scenes, latents, encoder: SinkTextEncoder, tokenizer, rng: np.random.Generator, steps: int,
-    batch: int, deadline: float, out: pathlib.Path, log: Log,
-):
+    scenes: list[Scene], latents: torch.Tensor, encoder: SinkTextEncoder, tokenizer: PreTrainedTokenizerBase,
+    rng: np.random.Generator, steps: int, batch: int, deadline: float, out: pathlib.Path, log: Log,
+) -> tuple[int, float | None]:
     torch.manual_seed(int(rng.integers(2**31)))
     unet = new_unet()
     ema = new_unet()
@@ -147,8 +190,9 @@ def train_unet(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     noise_sched = train_scheduler()
-    texts = CaptionStates(encoder, tokenizer)
-    running = None
+    texts = TokenStates(encoder, tokenizer)
+    averages = list(zip(ema.parameters(), unet.parameters())) + [(ema_sink, encoder.sink)]
+    running: float | None = None
 
     def save(step: int) -> None:
         save_file(half_state(ema), out / "unet.safetensors")
@@ -169,16 +213,7 @@ def train_unet(
         t = torch.from_numpy(rng.integers(0, noise_sched.config.num_train_timesteps, size=batch))
         xt = noise_sched.add_noise(x0, noise, t)
         loss = F.mse_loss(unet(xt, t, context).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
-            ema_sink.lerp_(encoder.sink.detach(), 1 - decay)
+        optimizer_step(loss, opt, sched, params, averages, step)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == steps - 1:
             log(f"unet step {step} loss {loss.item():.4f} ema-loss {running:.4f} lr {sched.get_last_lr()[0]:.2e}")

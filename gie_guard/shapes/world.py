@@ -13,6 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import NDArray
+
+# grids of pixel coordinates and the boolean masks drawn on them
+_Grid = NDArray[np.float64]
+_Mask = NDArray[np.bool_]
 
 SIZE = 32
 
@@ -105,7 +110,7 @@ def sample_scene(rng: np.random.Generator, p_two: float = 0.0) -> Scene:
     return Scene((sample_thing(rng),))
 
 
-def _polygon_mask(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray) -> np.ndarray:
+def _polygon_mask(x: _Grid, y: _Grid, vx: _Grid, vy: _Grid) -> _Mask:
     """Even-odd point-in-polygon test on grids x, y for vertices (vx, vy)."""
     inside = np.zeros(x.shape, dtype=bool)
     j = len(vx) - 1
@@ -118,7 +123,7 @@ def _polygon_mask(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray) 
     return inside
 
 
-def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
+def _shape_mask(shape: str, x: _Grid, y: _Grid, r: float) -> _Mask:
     """Boolean mask of `shape` of radius r centred at 0 on coordinate grids x, y (y down)."""
     if shape == "circle":
         return x**2 + y**2 <= r**2
@@ -137,12 +142,13 @@ def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarra
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _style_pattern(style: str, x: np.ndarray, y: np.ndarray, phase: float) -> np.ndarray:
+def _style_pattern(style: str, x: _Grid, y: _Grid, phase: float) -> _Mask:
     """Where the pattern shows the light colour, on absolute pixel grids x, y."""
     if style == "plain":
         return np.zeros(x.shape, dtype=bool)
     if style == "striped":  # horizontal stripes, 3 px on / 3 px off
-        return np.floor((y + phase) / 3.0) % 2 == 1
+        stripes: _Mask = np.floor((y + phase) / 3.0) % 2 == 1
+        return stripes
     if style == "dotted":  # dots of radius 1.6 px on a 6 px grid, coarse enough for the autoencoder
         gx = (x + phase) % 6.0 - 3.0
         gy = (y + phase) % 6.0 - 3.0
@@ -175,7 +181,8 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
         img[mask] = np.where(pattern[mask][:, None], light, fg)
     # box-filter the supersampled image down to 32x32
     img = img.reshape(SIZE, _SUPER, SIZE, _SUPER, 3).mean(axis=(1, 3))
-    return np.round(img).astype(np.uint8)
+    pixels: NDArray[np.uint8] = np.round(img).astype(np.uint8)
+    return pixels
 
 
 def _pick(rng: np.random.Generator, words: tuple[str, ...]) -> str:

@@ -46,32 +46,13 @@ from .variants import (
 )
 
 __all__ = [
-    # today's API (unchanged)
-    "minilm_tokenizer",
-    "tiny_clip_tokenizer",
-    "tiny_sd_pipeline",
-    "tiny_sdxl_pipeline",
-    "TOKENIZER_MAX_LENGTH",
     # tokenizers
-    "clip_tokenizer",
-    "t5_tokenizer",
-    "gemma_tokenizer",
-    "OPEN_CLIP_INSTALL",
+    "TOKENIZER_MAX_LENGTH", "OPEN_CLIP_INSTALL", "minilm_tokenizer", "tiny_clip_tokenizer", "clip_tokenizer",
+    "t5_tokenizer", "gemma_tokenizer",
+    # UNet pipelines and their variants
+    "tiny_sd_pipeline", "tiny_sdxl_pipeline", "tiny_sd_controlnet_pipeline", "tiny_sdxl_controlnet_pipeline",
+    "tiny_sd_t2i_adapter_pipeline", "tiny_sd_pag_pipeline", "tiny_sdxl_pag_pipeline",
+    "with_lora", "with_ip_adapter", "with_fused_qkv", "with_flux_ip_adapter", "PEFT_INSTALL",
     # transformer backbones
-    "tiny_flux_pipeline",
-    "tiny_sd3_pipeline",
-    "tiny_sd35_pipeline",
-    "tiny_pixart_pipeline",
-    "tiny_sana_pipeline",
-    # UNet variants
-    "tiny_sd_controlnet_pipeline",
-    "tiny_sdxl_controlnet_pipeline",
-    "tiny_sd_t2i_adapter_pipeline",
-    "tiny_sd_pag_pipeline",
-    "tiny_sdxl_pag_pipeline",
-    "with_lora",
-    "with_ip_adapter",
-    "with_fused_qkv",
-    "with_flux_ip_adapter",
-    "PEFT_INSTALL",
+    "tiny_flux_pipeline", "tiny_sd3_pipeline", "tiny_sd35_pipeline", "tiny_pixart_pipeline", "tiny_sana_pipeline",
 ]

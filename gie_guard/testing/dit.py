@@ -22,11 +22,15 @@ Call-time notes (see each builder's docstring):
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from .tokenizers import clip_tokenizer, gemma_tokenizer, t5_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "tiny_flux_pipeline",
@@ -47,14 +51,16 @@ _SANA_GEMMA_HIDDEN = 32
 
 
 @contextlib.contextmanager
-def _seeded(seed: int):
+def _seeded(seed: int) -> Iterator[None]:
     """Seed torch's global generator for one component, and restore the caller's state after."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
 
 
-def _clip_text_encoder(tokenizer, hidden: int, *, with_projection: bool, seed: int):
+def _clip_text_encoder(
+    tokenizer: PreTrainedTokenizerBase, hidden: int, *, with_projection: bool, seed: int
+) -> PreTrainedModel:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
@@ -72,13 +78,15 @@ def _clip_text_encoder(tokenizer, hidden: int, *, with_projection: bool, seed: i
     )
     with _seeded(seed):
         model_cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-        return model_cls(config).eval()
+        model: PreTrainedModel = model_cls(config).eval()  # type: ignore[no-untyped-call]  # untyped upstream
+    return model
 
 
-def _t5_encoder(tokenizer, d_model: int, *, seed: int):
+def _t5_encoder(tokenizer: PreTrainedTokenizerBase, d_model: int, *, seed: int) -> PreTrainedModel:
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(
+    # transformers' T5Config declares only T5's own fields; the shared ones reach PreTrainedConfig as kwargs
+    config = T5Config(  # type: ignore[call-arg]
         vocab_size=len(tokenizer),
         d_model=d_model,
         d_kv=d_model // 4,
@@ -97,10 +105,13 @@ def _t5_encoder(tokenizer, d_model: int, *, seed: int):
         tie_word_embeddings=False,
     )
     with _seeded(seed):
-        return T5EncoderModel(config).eval()
+        model: PreTrainedModel = T5EncoderModel(config).eval()  # type: ignore[no-untyped-call]  # untyped upstream
+    return model
 
 
-def _kl_vae(*, seed: int, latent_channels: int = 4, shift_factor: float | None = None, scaling_factor: float = 0.18215):
+def _kl_vae(
+    *, seed: int, latent_channels: int = 4, shift_factor: float | None = None, scaling_factor: float = 0.18215
+) -> Any:
     """An AutoencoderKL that does not downsample; ``shift_factor`` and no quant convs as in Flux/SD3."""
     from diffusers import AutoencoderKL
 
@@ -123,7 +134,7 @@ def _kl_vae(*, seed: int, latent_channels: int = 4, shift_factor: float | None =
         ).eval()
 
 
-def _finish(pipe):
+def _finish(pipe: Any) -> Any:
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -134,7 +145,7 @@ def _finish(pipe):
 FluxKind = Literal["text2img", "img2img", "inpaint", "kontext", "fill"]
 
 
-def tiny_flux_pipeline(kind: FluxKind = "text2img", *, seed: int = 0, guidance_embeds: bool = False):
+def tiny_flux_pipeline(kind: FluxKind = "text2img", *, seed: int = 0, guidance_embeds: bool = False) -> Any:
     """A Flux.1 pipeline (``FluxPipeline``, ``FluxImg2ImgPipeline``, ``FluxInpaintPipeline``,
     ``FluxKontextPipeline`` or ``FluxFillPipeline``), random weights.
 
@@ -174,17 +185,9 @@ def tiny_flux_pipeline(kind: FluxKind = "text2img", *, seed: int = 0, guidance_e
     in_channels = 2 * packed + 4 if kind == "fill" else packed
     with _seeded(seed):
         transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=in_channels,
-            out_channels=packed,
-            num_layers=2,
-            num_single_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=_FLUX_T5_HIDDEN,
-            pooled_projection_dim=_FLUX_CLIP_HIDDEN,
-            guidance_embeds=guidance_embeds,
-            axes_dims_rope=(4, 6, 6),
+            patch_size=1, in_channels=in_channels, out_channels=packed, num_layers=2, num_single_layers=2,
+            attention_head_dim=16, num_attention_heads=2, axes_dims_rope=(4, 6, 6), guidance_embeds=guidance_embeds,
+            joint_attention_dim=_FLUX_T5_HIDDEN, pooled_projection_dim=_FLUX_CLIP_HIDDEN,
         ).eval()
     tokenizer = clip_tokenizer()
     tokenizer_2 = t5_tokenizer(max_length=512)
@@ -215,7 +218,9 @@ def tiny_flux_pipeline(kind: FluxKind = "text2img", *, seed: int = 0, guidance_e
 SD3Kind = Literal["text2img", "img2img", "inpaint"]
 
 
-def _sd3(kind: SD3Kind, *, seed: int, with_t5: bool, dual_attention_layers: tuple[int, ...], qk_norm: str | None):
+def _sd3(
+    kind: SD3Kind, *, seed: int, with_t5: bool, dual_attention_layers: tuple[int, ...], qk_norm: str | None
+) -> Any:
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
@@ -256,7 +261,7 @@ def _sd3(kind: SD3Kind, *, seed: int, with_t5: bool, dual_attention_layers: tupl
         tokenizer=tokenizer,
         text_encoder_2=_clip_text_encoder(tokenizer_2, _SD3_CLIP_G_HIDDEN, with_projection=True, seed=seed + 3),
         tokenizer_2=tokenizer_2,
-        text_encoder_3=_t5_encoder(tokenizer_3, _SD3_T5_HIDDEN, seed=seed + 4) if with_t5 else None,
+        text_encoder_3=_t5_encoder(tokenizer_3, _SD3_T5_HIDDEN, seed=seed + 4) if tokenizer_3 is not None else None,
         tokenizer_3=tokenizer_3,
         transformer=transformer,
         image_encoder=None,
@@ -265,7 +270,7 @@ def _sd3(kind: SD3Kind, *, seed: int, with_t5: bool, dual_attention_layers: tupl
     return _finish(pipeline_cls(**components))
 
 
-def tiny_sd3_pipeline(kind: SD3Kind = "text2img", *, seed: int = 0, with_t5: bool = True):
+def tiny_sd3_pipeline(kind: SD3Kind = "text2img", *, seed: int = 0, with_t5: bool = True) -> Any:
     """A Stable Diffusion 3 pipeline (MM-DiT), random weights.
 
     ``SD3Transformer2DModel``: 3 joint blocks (``transformer_blocks``, ``JointAttnProcessor2_0``:
@@ -279,7 +284,7 @@ def tiny_sd3_pipeline(kind: SD3Kind = "text2img", *, seed: int = 0, with_t5: boo
     return _sd3(kind, seed=seed, with_t5=with_t5, dual_attention_layers=(), qk_norm=None)
 
 
-def tiny_sd35_pipeline(kind: SD3Kind = "text2img", *, seed: int = 0, with_t5: bool = True):
+def tiny_sd35_pipeline(kind: SD3Kind = "text2img", *, seed: int = 0, with_t5: bool = True) -> Any:
     """An SD3.5-Medium-style pipeline: as :func:`tiny_sd3_pipeline` with RMS q/k norms and
     ``dual_attention_layers=(0, 1)`` (those blocks also run an image-only self-attention
     ``attn2`` beside the joint attention)."""
@@ -290,7 +295,7 @@ def tiny_sd35_pipeline(kind: SD3Kind = "text2img", *, seed: int = 0, with_t5: bo
 # PixArt-Sigma
 
 
-def tiny_pixart_pipeline(*, seed: int = 0):
+def tiny_pixart_pipeline(*, seed: int = 0) -> Any:
     """A ``PixArtSigmaPipeline``, random weights.
 
     ``PixArtTransformer2DModel``: 3 blocks, each image self-attention ``attn1`` then
@@ -305,23 +310,12 @@ def tiny_pixart_pipeline(*, seed: int = 0):
     heads, head_dim = 3, 8
     with _seeded(seed):
         transformer = PixArtTransformer2DModel(
-            sample_size=32,
-            num_layers=3,
-            num_attention_heads=heads,
-            attention_head_dim=head_dim,
-            in_channels=4,
-            out_channels=8,
-            patch_size=2,
-            cross_attention_dim=heads * head_dim,
-            caption_channels=_PIXART_T5_HIDDEN,
-            attention_bias=True,
-            activation_fn="gelu-approximate",
-            num_embeds_ada_norm=1000,
-            norm_type="ada_norm_single",
-            norm_elementwise_affine=False,
-            norm_eps=1e-6,
+            sample_size=32, num_layers=3, num_attention_heads=heads, attention_head_dim=head_dim,
+            in_channels=4, out_channels=8, patch_size=2,  # learned sigma: 8 output channels for 4 latent
+            cross_attention_dim=heads * head_dim, caption_channels=_PIXART_T5_HIDDEN, attention_bias=True,
+            activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+            norm_elementwise_affine=False, norm_eps=1e-6, norm_num_groups=1,
             use_additional_conditions=False,  # Sigma
-            norm_num_groups=1,
         ).eval()
     tokenizer = t5_tokenizer(max_length=512)
     pipe = PixArtSigmaPipeline(
@@ -340,7 +334,7 @@ def tiny_pixart_pipeline(*, seed: int = 0):
 # Sana
 
 
-def tiny_sana_pipeline(*, seed: int = 0):
+def tiny_sana_pipeline(*, seed: int = 0) -> Any:
     """A ``SanaPipeline``, random weights.
 
     ``SanaTransformer2DModel``: 2 blocks, each a linear self-attention ``attn1``
@@ -359,56 +353,31 @@ def tiny_sana_pipeline(*, seed: int = 0):
     latent_channels = 8
     with _seeded(seed):
         transformer = SanaTransformer2DModel(
-            in_channels=latent_channels,
-            out_channels=latent_channels,
-            num_layers=2,
-            num_attention_heads=2,
-            attention_head_dim=8,
-            num_cross_attention_heads=2,
-            cross_attention_head_dim=8,
-            cross_attention_dim=16,
-            caption_channels=_SANA_GEMMA_HIDDEN,
-            mlp_ratio=2.5,
-            sample_size=16,
-            patch_size=1,
+            in_channels=latent_channels, out_channels=latent_channels, num_layers=2, mlp_ratio=2.5,
+            num_attention_heads=2, attention_head_dim=8,  # linear self-attention
+            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+            caption_channels=_SANA_GEMMA_HIDDEN, sample_size=16, patch_size=1,
         ).eval()
     with _seeded(seed + 1):
         vae = AutoencoderDC(
-            in_channels=3,
-            latent_channels=latent_channels,
-            attention_head_dim=8,
+            in_channels=3, latent_channels=latent_channels, attention_head_dim=8, scaling_factor=0.41407,
             encoder_block_types=("ResBlock", "EfficientViTBlock"),
             decoder_block_types=("ResBlock", "EfficientViTBlock"),
-            encoder_block_out_channels=(16, 16),
-            decoder_block_out_channels=(16, 16),
-            encoder_layers_per_block=(1, 1),
-            decoder_layers_per_block=(1, 1),
-            encoder_qkv_multiscales=((), (5,)),
-            decoder_qkv_multiscales=((), (5,)),
-            downsample_block_type="pixel_unshuffle",
-            upsample_block_type="pixel_shuffle",
-            decoder_norm_types="rms_norm",
-            decoder_act_fns="silu",
-            scaling_factor=0.41407,
+            encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+            encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+            encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+            downsample_block_type="pixel_unshuffle", upsample_block_type="pixel_shuffle",
+            decoder_norm_types="rms_norm", decoder_act_fns="silu",
         ).eval()
     tokenizer = gemma_tokenizer()
     config = Gemma2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=_SANA_GEMMA_HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        max_position_embeddings=2048,
-        sliding_window=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer), hidden_size=_SANA_GEMMA_HIDDEN, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+        max_position_embeddings=2048, sliding_window=512,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     with _seeded(seed + 2):
-        text_encoder = Gemma2Model(config).eval()
+        text_encoder = Gemma2Model(config).eval()  # type: ignore[no-untyped-call]  # unannotated in transformers
     scheduler = DPMSolverMultistepScheduler(
         algorithm_type="dpmsolver++",
         solver_order=2,

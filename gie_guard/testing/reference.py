@@ -98,16 +98,10 @@ def literal_joint_attention(
     (``"prompt"``); each concept's own tokens attend over ``[image keys; their own keys]``.
     ``rotary`` (Flux): cos/sin over ``[prompt; concepts; image]`` positions."""
 
+    from ..engine.joint import project_heads  # the block's own projections, not the inhibition under test
+
     def project(x: torch.Tensor, text_side: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if text_side and not single:
-            q, k, v = attn.add_q_proj(x), attn.add_k_proj(x), attn.add_v_proj(x)
-            nq, nk = attn.norm_added_q, attn.norm_added_k
-        else:
-            q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-            nq, nk = attn.norm_q, attn.norm_k
-        d = k.shape[-1] // attn.heads
-        q, k, v = (t.unflatten(-1, (-1, d)) for t in (q, k, v))  # (S, h, d)
-        return (nq(q) if nq is not None else q), (nk(k) if nk is not None else k), v
+        return project_heads(attn, x, added=text_side and not single)  # (S, h, d) each
 
     def rope(x: torch.Tensor, at: slice) -> torch.Tensor:
         if rotary is None:
@@ -115,7 +109,8 @@ def literal_joint_attention(
         from diffusers.models.embeddings import apply_rotary_emb
 
         cos, sin = rotary
-        return apply_rotary_emb(x[None], (cos[at], sin[at]), sequence_dim=1)[0]
+        rotated: torch.Tensor = apply_rotary_emb(x[None], (cos[at], sin[at]), sequence_dim=1)
+        return rotated[0]
 
     n, t = image.shape[1], text.shape[1]
     t_c = [c.shape[1] for c, _ in concept_states]

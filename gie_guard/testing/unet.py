@@ -34,12 +34,8 @@ def _text_encoder(
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
     end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=_TEXT_HIDDEN,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        max_position_embeddings=TOKENIZER_MAX_LENGTH,
+        vocab_size=len(tokenizer), hidden_size=_TEXT_HIDDEN, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=TOKENIZER_MAX_LENGTH,
         bos_token_id=start,
         eos_token_id=end,  # pooled output is read at the end token
         pad_token_id=tokenizer.pad_token_id,

@@ -219,14 +219,8 @@ def _image_encoder_and_processor(*, projection_dim: int, image_size: int = 32, s
         processor_cls = CLIPImageProcessor
 
     config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        image_size=image_size,
-        patch_size=8,
-        projection_dim=projection_dim,
-        hidden_act="quick_gelu",
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        image_size=image_size, patch_size=8, projection_dim=projection_dim, hidden_act="quick_gelu",
     )
     with _seeded(seed):
         # transformers' PreTrainedModel.eval() has no annotations
@@ -239,6 +233,23 @@ def _image_encoder_and_processor(*, projection_dim: int, image_size: int = 32, s
 
 def _random_like(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     return torch.randn(*shape, generator=generator) * 0.05
+
+
+def _image_projection(
+    tokens: int, dim: int, image_embed_dim: int, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """``ImageProjection`` weights: an image embedding to ``tokens`` tokens of width ``dim``."""
+    return {
+        "proj.weight": _random_like((tokens * dim, image_embed_dim), generator),
+        "proj.bias": torch.zeros(tokens * dim),
+        "norm.weight": torch.ones(dim),
+        "norm.bias": torch.zeros(dim),
+    }
+
+
+def _add_image_encoder(pipe: Any, image_embed_dim: int, seed: int) -> None:
+    encoder, processor = _image_encoder_and_processor(projection_dim=image_embed_dim, seed=seed)
+    pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
 
 
 def with_ip_adapter(pipe: Any, *, seed: int = 0, image_embed_dim: int = 16, num_tokens: int = 4) -> Any:
@@ -268,14 +279,8 @@ def with_ip_adapter(pipe: Any, *, seed: int = 0, image_embed_dim: int = 16, num_
         layers[f"{key_id}.to_k_ip.weight"] = _random_like((hidden, cross_dim), generator)
         layers[f"{key_id}.to_v_ip.weight"] = _random_like((hidden, cross_dim), generator)
         key_id += 2
-    image_proj = {
-        "proj.weight": _random_like((num_tokens * cross_dim, image_embed_dim), generator),
-        "proj.bias": torch.zeros(num_tokens * cross_dim),
-        "norm.weight": torch.ones(cross_dim),
-        "norm.bias": torch.zeros(cross_dim),
-    }
-    encoder, processor = _image_encoder_and_processor(projection_dim=image_embed_dim, seed=seed + 20)
-    pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
+    image_proj = _image_projection(num_tokens, cross_dim, image_embed_dim, generator)
+    _add_image_encoder(pipe, image_embed_dim, seed + 20)
     pipe.load_ip_adapter(
         {"image_proj": image_proj, "ip_adapter": layers}, subfolder="", weight_name="", low_cpu_mem_usage=False
     )
@@ -302,15 +307,8 @@ def with_flux_ip_adapter(pipe: Any, *, seed: int = 0, image_embed_dim: int = 16)
             layers[f"{key_id}.{proj}.weight"] = _random_like((hidden, joint_dim), generator)
             layers[f"{key_id}.{proj}.bias"] = torch.zeros(hidden)
         key_id += 1
-    tokens = 4
-    image_proj = {
-        "proj.weight": _random_like((tokens * joint_dim, image_embed_dim), generator),
-        "proj.bias": torch.zeros(tokens * joint_dim),
-        "norm.weight": torch.ones(joint_dim),
-        "norm.bias": torch.zeros(joint_dim),
-    }
-    encoder, processor = _image_encoder_and_processor(projection_dim=image_embed_dim, seed=seed + 20)
-    pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
+    image_proj = _image_projection(4, joint_dim, image_embed_dim, generator)
+    _add_image_encoder(pipe, image_embed_dim, seed + 20)
     pipe.load_ip_adapter(
         {"image_proj": image_proj, "ip_adapter": layers},
         weight_name="",

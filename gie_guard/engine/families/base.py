@@ -30,7 +30,9 @@ class Site:
     """One attention layer the concepts act on."""
 
     name: str  # module path inside the denoiser, e.g. "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
-    module: torch.nn.Module
+    # a diffusers Attention (torch.nn.Module); diffusers is read untyped, and the engine reads
+    # its processor, projections and norms by name
+    module: Any
     kind: SiteKind
     block: int | None = None  # transformer block index, for calls that skip blocks (SD3 skip-layer guidance)
 
@@ -168,18 +170,51 @@ class Family:
         in this generation): ``(prompt rows, negative rows)`` as the denoiser will see them."""
         raise NotImplementedError
 
-    def denoiser_text(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    def denoiser_text(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
         """The text states a denoiser call receives (``encoder_hidden_states``)."""
         value = kwargs.get("encoder_hidden_states")
         if value is None and len(args) >= 3:
             value = args[2]
         return value if isinstance(value, torch.Tensor) else None
 
-    def batch_size(self, args: tuple, kwargs: dict[str, Any]) -> int:
+    def batch_size(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
         sample = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        if sample is None:
+            raise TypeError("the denoiser was called without its latents (hidden_states or sample)")
         return int(sample.shape[0])
 
-    def ride_along(self, args: tuple, kwargs: dict[str, Any], tokens: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+    def ride_along(self, args: tuple[Any, ...], kwargs: dict[str, Any], tokens: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Joint families: the call's arguments with ``tokens`` ``(T_c, D)`` appended to every
         row's text sequence."""
         raise NotImplementedError
+
+
+class JointFamily(Family):
+    """A family of joint-attention transformers (SD3, Flux): a concept is encoded as a prompt
+    and its own tokens, with the end token after them, ride along in the text sequence."""
+
+    joint = True
+
+    def _slots(self, pipe: Any, text: str, concept_id: str, options: dict[str, Any]) -> tuple[list[int], list[int]]:
+        """The concept's own slots and the slots that ride along, in the text sequence."""
+        raise NotImplementedError
+
+    def _encode_prompt(self, pipe: Any, texts: list[str], options: dict[str, Any]) -> torch.Tensor:
+        """The pipeline's prompt embeddings of ``texts``, as its denoiser receives text."""
+        raise NotImplementedError
+
+    def positions(self, pipe: Any, text: str, concept_id: str, options: dict[str, Any]) -> tuple[int, ...]:
+        return tuple(self._slots(pipe, text, concept_id, options)[0])
+
+    def encode(self, pipe: Any, texts: Sequence[str], ids: Sequence[str], options: dict[str, Any]) -> ConceptEncoding:
+        slots = [self._slots(pipe, t, i, options) for t, i in zip(texts, ids)]
+        return ConceptEncoding(
+            embeddings=self._encode_prompt(pipe, list(texts), options).detach(),
+            positions=tuple(tuple(own) for own, _ in slots),
+            ride_along=tuple(tuple(carried) for _, carried in slots),
+        )
+
+    def ride_along(self, args: tuple[Any, ...], kwargs: dict[str, Any], tokens: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        text = kwargs["encoder_hidden_states"]
+        extra = tokens.to(device=text.device, dtype=text.dtype)[None].expand(text.shape[0], -1, -1)
+        return args, {**kwargs, "encoder_hidden_states": torch.cat([text, extra], dim=1)}

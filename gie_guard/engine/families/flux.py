@@ -12,20 +12,19 @@ denoiser call with the negative prompt, which is left alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ...errors import UnsupportedPipelineError
-from .base import ConceptEncoding, Family, Site, concept_slots
+from .base import JointFamily, Site, concept_slots
 from .pixart import _call_default
 from .sd3 import ride_along_slots
 
 __all__ = ["Flux"]
 
 
-class Flux(Family):
+class Flux(JointFamily):
     name = "flux"
     pipelines = (
         "FluxPipeline",
@@ -40,7 +39,6 @@ class Flux(Family):
         "FluxControlNetInpaintPipeline": "the Flux ControlNet's own blocks see the prompt unguarded",
         "FluxPriorReduxPipeline": "Redux conditions on image embeddings gie_guard cannot inhibit",
     }
-    joint = True
     text_first = True
     default_sink = "image"
     shared_kwargs = frozenset({"txt_ids", "img_ids"})  # positions, not per batch row
@@ -76,29 +74,19 @@ class Flux(Family):
         ids, own = concept_slots(tokenizer, text, concept_id, max_length=options["max_sequence_length"])
         return own, ride_along_slots(ids, own, tokenizer.eos_token_id)
 
-    def positions(self, pipe: Any, text: str, concept_id: str, options: dict[str, Any]) -> tuple[int, ...]:
-        return tuple(self._slots(pipe, text, concept_id, options)[0])
-
-    def encode(self, pipe: Any, texts: Sequence[str], ids: Sequence[str], options: dict[str, Any]) -> ConceptEncoding:
-        slots = [self._slots(pipe, t, i, options) for t, i in zip(texts, ids)]
-        embeds = pipe.encode_prompt(
-            prompt=list(texts), prompt_2=None, device=pipe._execution_device, num_images_per_prompt=1,
+    def _encode_prompt(self, pipe: Any, texts: list[str], options: dict[str, Any]) -> torch.Tensor:
+        embeds: torch.Tensor = pipe.encode_prompt(
+            prompt=texts, prompt_2=None, device=pipe._execution_device, num_images_per_prompt=1,
             max_sequence_length=options["max_sequence_length"],
         )[0]
-        return ConceptEncoding(
-            embeddings=embeds.detach(),
-            positions=tuple(tuple(own) for own, _ in slots),
-            ride_along=tuple(tuple(carried) for _, carried in slots),
-        )
+        return embeds
 
     def prompt_embeddings(self, result: Any, call_index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         # (embeds, pooled, text ids); with true CFG the pipeline encodes the negative prompt second
         return (result[0], None) if call_index == 0 else (None, result[0])
 
-    def ride_along(self, args: tuple, kwargs: dict[str, Any], tokens: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
-        text = kwargs["encoder_hidden_states"]
-        extra = tokens.to(device=text.device, dtype=text.dtype)[None].expand(text.shape[0], -1, -1)
-        new = {**kwargs, "encoder_hidden_states": torch.cat([text, extra], dim=1)}
+    def ride_along(self, args: tuple[Any, ...], kwargs: dict[str, Any], tokens: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        args, new = super().ride_along(args, kwargs, tokens)
         ids = kwargs.get("txt_ids")
         if ids is not None:
             ids2 = ids[0] if ids.ndim == 3 else ids

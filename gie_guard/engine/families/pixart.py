@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -38,7 +38,7 @@ def _call_default(pipe: Any, name: str, fallback: Any) -> Any:
 
 class PixArt(Family):
     name = "pixart"
-    pipelines = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
+    pipelines: ClassVar[tuple[str, ...]] = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
     default_sink = "prompt"
 
     def sites(self, pipe: Any) -> tuple[Site, ...]:

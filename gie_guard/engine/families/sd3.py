@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .base import ConceptEncoding, Family, Site, concept_slots
+from .base import JointFamily, Site, concept_slots
 from .pixart import _call_default
 
 __all__ = ["StableDiffusion3", "ride_along_slots"]
@@ -31,14 +31,13 @@ def ride_along_slots(ids: Sequence[int], own: Sequence[int], end_id: int | None,
     return [offset + s for s in slots]
 
 
-class StableDiffusion3(Family):
+class StableDiffusion3(JointFamily):
     name = "sd3"
     pipelines = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")
     refused = {
         "StableDiffusion3ControlNetPipeline": "the SD3 ControlNet's own joint blocks see the prompt unguarded",
         "StableDiffusion3PAGPipeline": "PAG's joint-attention processors are not reproduced yet",
     }
-    joint = True
     text_first = False
     default_sink = "image"
 
@@ -74,26 +73,13 @@ class StableDiffusion3(Family):
             carried.update(ride_along_slots(ids, mine, tokenizer.eos_token_id, offset))
         return sorted(own), sorted(carried)
 
-    def positions(self, pipe: Any, text: str, concept_id: str, options: dict[str, Any]) -> tuple[int, ...]:
-        return tuple(self._slots(pipe, text, concept_id, options)[0])
-
-    def encode(self, pipe: Any, texts: Sequence[str], ids: Sequence[str], options: dict[str, Any]) -> ConceptEncoding:
-        slots = [self._slots(pipe, t, i, options) for t, i in zip(texts, ids)]
-        embeds = pipe.encode_prompt(
-            prompt=list(texts), prompt_2=None, prompt_3=None, device=pipe._execution_device,
+    def _encode_prompt(self, pipe: Any, texts: list[str], options: dict[str, Any]) -> torch.Tensor:
+        embeds: torch.Tensor = pipe.encode_prompt(
+            prompt=texts, prompt_2=None, prompt_3=None, device=pipe._execution_device,
             num_images_per_prompt=1, do_classifier_free_guidance=False, clip_skip=options["clip_skip"],
             max_sequence_length=options["max_sequence_length"],
         )[0]
-        return ConceptEncoding(
-            embeddings=embeds.detach(),
-            positions=tuple(tuple(own) for own, _ in slots),
-            ride_along=tuple(tuple(carried) for _, carried in slots),
-        )
+        return embeds
 
     def prompt_embeddings(self, result: Any, call_index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return result[0], result[1]  # (embeds, negative embeds, pooled, negative pooled)
-
-    def ride_along(self, args: tuple, kwargs: dict[str, Any], tokens: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
-        text = kwargs["encoder_hidden_states"]
-        extra = tokens.to(device=text.device, dtype=text.dtype)[None].expand(text.shape[0], -1, -1)
-        return args, {**kwargs, "encoder_hidden_states": torch.cat([text, extra], dim=1)}

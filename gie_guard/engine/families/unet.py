@@ -21,10 +21,10 @@ from .base import ConceptEncoding, Family, Site, concept_slots
 __all__ = ["StableDiffusion", "StableDiffusionXL"]
 
 
-def unet_sites(unet: torch.nn.Module) -> tuple[Site, ...]:
+def unet_sites(unet: Any) -> tuple[Site, ...]:  # a diffusers UNet2DConditionModel or ControlNetModel
     """The UNet's cross-attention layers in the order of ``unet.attn_processors`` (down
     blocks, up blocks, then the mid block): the order adapter features use."""
-    sites = []
+    sites: list[Site] = []
     for key in unet.attn_processors:
         name = key.removesuffix(".processor")
         module = unet.get_submodule(name)
@@ -78,7 +78,8 @@ class _UNetFamily(Family):
         return ConceptEncoding(embeddings=embeddings.detach(), positions=positions)
 
     def _encode(self, pipe: Any, texts: list[str], clip_skip: int | None) -> torch.Tensor:
-        return pipe.encode_prompt(texts, pipe._execution_device, 1, False, clip_skip=clip_skip)[0]
+        embeddings: torch.Tensor = pipe.encode_prompt(texts, pipe._execution_device, 1, False, clip_skip=clip_skip)[0]
+        return embeddings
 
     def prompt_embeddings(self, result: Any, call_index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return result[0], result[1]  # (prompt_embeds, negative_prompt_embeds[, pooled, negative pooled])
@@ -118,7 +119,8 @@ class StableDiffusionXL(_UNetFamily):
     )
 
     def _encode(self, pipe: Any, texts: list[str], clip_skip: int | None) -> torch.Tensor:
-        return pipe.encode_prompt(
+        embeddings: torch.Tensor = pipe.encode_prompt(
             prompt=texts, device=pipe._execution_device, num_images_per_prompt=1,
             do_classifier_free_guidance=False, clip_skip=clip_skip,
         )[0]
+        return embeddings
