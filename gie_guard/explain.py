@@ -10,7 +10,8 @@ or ``gie-guard explain --prompt "a red circle" --policy shapes-demo --out explai
 The maps come from the engine itself (it hands them to observers: gie_guard.engine.observing),
 so a picture shows exactly the ``M_c`` the inhibitor uses, for every family: at every step and
 attention site, the concept's map summed over its own token slots, averaged over heads, the
-rows that carry the prompt and the sites of one resolution (the highest by default). A value
+rows that carry the prompt and the sites of one resolution (the highest by default; ``sites``
+picks some, e.g. blocks of a transformer, whose joint-attention blocks differ a lot). A value
 is the share of a position's attention that falls on the concept's tokens: where the concept
 "grows" in the image.
 """

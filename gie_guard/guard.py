@@ -15,7 +15,17 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 from .adapters import AdapterLibrary, AdapterScales, AutoChoice, Fingerprint, check_feature_pass
-from .engine import CallRecord, ConceptSpec, Plan, PresenceGate, StepWindow, compile_plan, family_for, guarded_call
+from .engine import (
+    CallRecord,
+    ConceptSpec,
+    Plan,
+    PresenceGate,
+    StepWindow,
+    compile_plan,
+    denoiser_lock,
+    family_for,
+    guarded_call,
+)
 from .errors import ConfigurationError, ContentBlockedError, GuardError, PolicyError
 from .logs import install_log_filters
 from .metrics import GuardMetrics
@@ -266,10 +276,13 @@ class Guard:
         if plan is not None:
             return plan, 0.0
         specs, choices = self._concept_specs(snapshot, pipe)
-        plan = compile_plan(pipe, specs, self._window(snapshot), options=options, family=family, sink=self._sink,  # type: ignore[arg-type]
-                            preserve=self._preserve or snapshot.policy.preserve_by,  # type: ignore[arg-type]
-                            controlnet=self._controlnet or snapshot.policy.controlnet,  # type: ignore[arg-type]
-                            **self._engine_options)  # type: ignore[arg-type]
+        # Encoding runs the pipeline's tokenizer, whose padding settings are shared state:
+        # never beside a guarded call on the same pipeline (a reload compiles from the watcher).
+        with denoiser_lock(family.denoiser(pipe)):
+            plan = compile_plan(pipe, specs, self._window(snapshot), options=options, family=family, sink=self._sink,  # type: ignore[arg-type]
+                                preserve=self._preserve or snapshot.policy.preserve_by,  # type: ignore[arg-type]
+                                controlnet=self._controlnet or snapshot.policy.controlnet,  # type: ignore[arg-type]
+                                **self._engine_options)  # type: ignore[arg-type]
         with self._plans_lock:
             self._auto_choices[plan] = choices
             plans = self._plans.setdefault(pipe, {})
