@@ -62,8 +62,22 @@ def _rows(name: str) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def _vocabulary_phrases() -> Iterator[tuple[str, str]]:
+    """Without ../shared/data (a bare clone, CI): the shipped anchor vocabulary, then pairs of
+    its entries: real words, not the prompt corpora's distribution."""
+    from gie_guard.policy.anchors import read_vocabulary, shipped_vocabulary
+
+    words = read_vocabulary(shipped_vocabulary())
+    yield from ((w, "object") for w in words)
+    yield from ((f"{a} {b}", "object") for a in words for b in words if a != b)
+
+
 def _phrases() -> Iterator[tuple[str, str]]:
     """(text, category) in order of preference: object classes, artists, caption phrases."""
+    if not DATA.is_dir():
+        print(f"note: {DATA} is not here; concept texts come from the shipped anchor vocabulary")
+        yield from _vocabulary_phrases()
+        return
     for row in _rows("small_imagenet_prompts.csv"):
         yield row["class"], "object"
     artist = re.compile(r"\bby ((?:[A-Z][\w'-]+ ?){2,3})")

@@ -54,14 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="dit", choices=("unet", "dit"))
     parser.add_argument("--targets", default="circle,red")
     parser.add_argument("--seeds", default="0:6", help="START:END seeds per prompted word")
-    parser.add_argument("--scale", type=float, required=True)
+    parser.add_argument("--scale", type=float, default=None, help="GIE scale (required unless --smoke)")
     parser.add_argument("--window", default="0,1")
     parser.add_argument("--options", default="image/ride-along,prompt/ride-along,image/static",
                         help="comma-separated SINK/TEXT_STATES pairs")
     parser.add_argument("--no-null", action="store_true", help="skip the null-concept rows")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=pathlib.Path, required=True)
+    parser.add_argument("--smoke", action="store_true", help="circle, one seed, 4 steps, two options: seconds (CI)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        E.STEPS = 4
+        args.targets, args.seeds, args.scale, args.options = "circle", "0:1", 2.0, "image/ride-along,prompt/ride-along"
+    if args.scale is None:
+        parser.error("--scale is required")
     torch.set_num_threads(args.threads)
     start, end = (int(x) for x in args.seeds.split(":"))
     window = tuple(float(x) for x in args.window.split(","))
