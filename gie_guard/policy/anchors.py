@@ -21,6 +21,7 @@ from ..errors import ConfigurationError
 from .dedup import Embedder, _unit_rows, default_embedder
 from .files import FileProblem, read_regular_file
 from .loader import shipped_policy_dir
+from .schema import folded_text
 from .snapshot import PolicySnapshot
 
 __all__ = ["Suggestion", "read_vocabulary", "shipped_vocabulary", "suggest_anchors"]
@@ -57,10 +58,6 @@ def read_vocabulary(path: str | os.PathLike[str]) -> list[str]:
     return entries
 
 
-def _folded(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
 def suggest_anchors(
     snapshot: PolicySnapshot,
     vocabulary: Iterable[str],
@@ -72,8 +69,8 @@ def suggest_anchors(
     entries that the policy neither erases nor already preserves for it, nearest first."""
     if per_concept < 1:
         raise ConfigurationError(f"the number of suggestions per concept must be at least 1, got {per_concept}")
-    erased = {_folded(t) for c in snapshot.policy.concepts if c.enabled for t in (c.text, *c.aliases)}
-    candidates = list(dict.fromkeys(e for e in vocabulary if _folded(e) not in erased))
+    erased = {folded_text(t) for c in snapshot.policy.concepts if c.enabled for t in (c.text, *c.aliases)}
+    candidates = list(dict.fromkeys(e for e in vocabulary if folded_text(e) not in erased))
     concepts = snapshot.concepts
     if not concepts or not candidates:
         return {c.id: [] for c in concepts}
@@ -82,11 +79,11 @@ def suggest_anchors(
     synonym_below = snapshot.policy.dedup_threshold
     found: dict[str, list[Suggestion]] = {}
     for i, concept in enumerate(concepts):
-        kept = {_folded(a) for a in concept.anchors}
+        kept = {folded_text(a) for a in concept.anchors}
         picks: list[Suggestion] = []
         for j in np.argsort(distances[i], kind="stable"):
             text, d = candidates[j], float(distances[i, j])
-            if d < synonym_below or _folded(text) in kept:
+            if d < synonym_below or folded_text(text) in kept:
                 continue
             picks.append(Suggestion(concept.id, text, round(d, 4)))
             if len(picks) == per_concept:

@@ -173,9 +173,9 @@ class Concept(_Frozen):
 
     @model_validator(mode="after")
     def _anchors_differ(self) -> Concept:
-        own = {_folded(self.text)} | {_folded(a) for a in self.aliases}
+        own = {folded_text(self.text)} | {folded_text(a) for a in self.aliases}
         for i, anchor in enumerate(self.preserve):
-            if _folded(anchor) in own:
+            if folded_text(anchor) in own:
                 raise PydanticCustomError(
                     "anchor_is_concept", "this preservation anchor is the concept itself (its text or an alias, "
                     "ignoring case and spacing): it would cancel the concept's own inhibitor", {"path": ("preserve", i)},
@@ -183,7 +183,8 @@ class Concept(_Frozen):
         return self
 
 
-def _folded(text: str) -> str:
+def folded_text(text: str) -> str:
+    """Text compared as the same anchor or concept: case and runs of spacing ignored."""
     return " ".join(text.lower().split())
 
 
@@ -238,15 +239,15 @@ class Policy(_Frozen):
                     "scale_range", "auto scale needs min <= fallback <= max (with the policy's auto_scale filled in)",
                     {"path": ("concepts", i, "scale")},
                 )
-        erased = {_folded(t): i for i, c in enumerate(self.concepts) if c.enabled for t in (c.text, *c.aliases)}
+        erased = {folded_text(t): i for i, c in enumerate(self.concepts) if c.enabled for t in (c.text, *c.aliases)}
         anchors: list[tuple[str, tuple[str | int, ...]]] = [(a, ("preserve", i)) for i, a in enumerate(self.preserve)]
         anchors += [(a, ("concepts", ci, "preserve", i)) for ci, c in enumerate(self.concepts) for i, a in enumerate(c.preserve)]
         for anchor, path in anchors:
-            if _folded(anchor) in erased:
+            if folded_text(anchor) in erased:
                 raise PydanticCustomError(
                     "anchor_is_concept", "this preservation anchor is erased by concepts[{index}] (same text, ignoring "
                     "case and spacing): a text cannot be both erased and preserved",
-                    {"index": erased[_folded(anchor)], "path": path},
+                    {"index": erased[folded_text(anchor)], "path": path},
                 )
         own = self.auto_scale
         if not own.min <= own.fallback <= own.max:

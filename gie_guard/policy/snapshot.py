@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from .schema import AutoScale, Policy, Presence
+from .schema import AutoScale, Policy, Presence, folded_text
 
 __all__ = ["EffectiveConcept", "Merge", "PolicySnapshot", "content_hash", "expand_concepts"]
 
@@ -119,7 +119,7 @@ def _unique(texts: Iterable[str]) -> tuple[str, ...]:
     """Texts in order, dropping repeats that differ only in case and spacing."""
     seen: dict[str, str] = {}
     for text in texts:
-        seen.setdefault(" ".join(text.lower().split()), text)
+        seen.setdefault(folded_text(text), text)
     return tuple(seen.values())
 
 
