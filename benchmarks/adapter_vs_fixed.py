@@ -88,9 +88,20 @@ def images(pipe, prompts, seed, guard=None, batch=16):
     return np.concatenate(out)
 
 
-def policy(concept, scale, window):
-    return {"name": "bench", "inhibit_steps": list(window), "dedup_threshold": 0.0,
-            "concepts": [{"id": "c", "text": concept, "category": "object", "scale": scale}]}
+def policy(concept, scale, window, anchors=(), preserve_by="compete"):
+    return {"name": "bench", "inhibit_steps": list(window), "dedup_threshold": 0.0, "preserve_by": preserve_by,
+            "concepts": [{"id": "c", "text": concept, "category": "object", "scale": scale, "preserve": list(anchors)}]}
+
+
+def anchor_map(text: str) -> dict[str, list[str]]:
+    """``circle=square;red=green,purple`` -> {"circle": ["square"], "red": ["green", "purple"]}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        concept, sep, words = part.partition("=")
+        if not sep or not words.strip():
+            raise argparse.ArgumentTypeError(f"--preserve: expected CONCEPT=ANCHOR[,ANCHOR...], got {part!r}")
+        out[concept.strip()] = [w.strip() for w in words.split(",") if w.strip()]
+    return out
 
 
 def auto_scale(fallback: float) -> dict:
@@ -135,35 +146,51 @@ def cmd_compare(args) -> None:
         seed_w, seed_wo = 10_000, 20_000
         refs_w, refs_wo = images(pipe, with_c, seed_w), images(pipe, without, seed_wo)
         rows = {}
-        for label, scale in (("small", args.small), ("large", args.large)):
-            g = Guard(policy=policy(concept, scale, args.window))
-            rows[f"fixed {scale:g} ({label})"] = evaluate(detector, concept, refs_w, refs_wo,
-                                                          images(pipe, with_c, seed_w, g), images(pipe, without, seed_wo, g))
-            rows[f"fixed {scale:g} ({label})"]["scale_mean"] = scale
-        auto = auto_scale(args.small)
-        g = Guard(policy=policy(concept, auto, args.window), adapters=[adapter])
-        scales = {"with": [], "without": []}
-
-        def one_by_one(prompts, seed, key):
-            out = []
-            for i, p in enumerate(prompts):
-                out.append(images(pipe, [p], seed + i, g))
-                scales[key].append(g.last_report.concepts[0].token_scales[0])
-            return np.concatenate(out)
-
-        row = evaluate(detector, concept, refs_w, refs_wo, one_by_one(with_c, seed_w, "with"), one_by_one(without, seed_wo, "without"))
-        row["scale_mean"] = float(np.mean(scales["with"]))
-        row["scale_mean_without"] = float(np.mean(scales["without"]))
-        rows["adapter"] = row
+        anchors = args.preserve.get(concept, [])
+        # with --preserve: the large fixed scale and the adapter again, with the concept's anchors
+        variants = [((), "")] + ([(anchors, f" +anchors({args.preserve_by})")] if anchors else [])
+        for kept, suffix in variants:
+            for label, scale in (("small", args.small), ("large", args.large)):
+                if kept and label == "small":
+                    continue
+                g = Guard(policy=policy(concept, scale, args.window, kept, args.preserve_by))
+                name = f"fixed {scale:g} ({label}){suffix}"
+                rows[name] = evaluate(detector, concept, refs_w, refs_wo,
+                                      images(pipe, with_c, seed_w, g), images(pipe, without, seed_wo, g))
+                rows[name]["scale_mean"] = scale
+            rows[f"adapter{suffix}"] = adapter_row(pipe, detector, adapter, concept, with_c, without, refs_w, refs_wo,
+                                                   policy(concept, auto_scale(args.small), args.window, kept, args.preserve_by))
+        if anchors:
+            rows["anchors"] = anchors
         results[concept] = rows
         print(f"\n{concept!r} ({'trained' if concept in adapter.concepts else 'transfer'}; {args.n} prompts with, {args.n} without)")
         print(f"  {'method':18s} {'scale':>7s} {'removal':>8s} {'preserv.':>9s} {'collateral':>10s}")
         for name, r in rows.items():
+            if name == "anchors":
+                continue
             print(f"  {name:18s} {r['scale_mean']:7.2f} {r['removal']:8.2f} {r['preservation']:9.2f} {r['collateral']:10.2f}")
         sys.stdout.flush()
     out = pathlib.Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "adapter_vs_fixed.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
+
+
+def adapter_row(pipe, detector, adapter, concept, with_c, without, refs_w, refs_wo, spec) -> dict:
+    """``scale: auto`` one call per prompt (the adapter sets one scale per call), same seeds as the fixed rows."""
+    g = Guard(policy=spec, adapters=[adapter])
+    scales: dict[str, list[float]] = {"with": [], "without": []}
+
+    def one_by_one(prompts, seed, key):
+        out = []
+        for i, p in enumerate(prompts):
+            out.append(images(pipe, [p], seed + i, g))
+            scales[key].append(g.last_report.concepts[0].token_scales[0])
+        return np.concatenate(out)
+
+    row = evaluate(detector, concept, refs_w, refs_wo, one_by_one(with_c, 10_000, "with"), one_by_one(without, 20_000, "without"))
+    row["scale_mean"] = float(np.mean(scales["with"]))
+    row["scale_mean_without"] = float(np.mean(scales["without"]))
+    return row
 
 
 def cmd_sweep(args) -> None:
@@ -231,6 +258,10 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=2000, help="train: epochs of the MLP fit")
+    ap.add_argument("--preserve", type=anchor_map, default={},
+                    help="compare: anchors per concept, e.g. 'circle=square;red=green,purple': adds the large fixed "
+                         "scale and the adapter with those anchors")
+    ap.add_argument("--preserve-by", choices=("compete", "project", "both"), default="compete")
     ap.add_argument("--results", default=None, help="folder of compare's results (default: benchmarks/results)")
     ap.add_argument("--smoke", action="store_true",
                     help="train, compare, cost and sweep in miniature (4 steps, a few prompts), writing the adapter "
@@ -244,6 +275,7 @@ def main(argv=None) -> None:
         args.results = args.results or tempfile.mkdtemp(prefix="adapter-vs-fixed-")
         args.out = args.adapter = str(pathlib.Path(args.results) / "shapes-circle.safetensors")
         args.n_train, args.scales, args.n, args.concepts, args.repeats, args.epochs = 4, [0.5, 2.0], 2, ["circle"], 1, 200
+        args.preserve = args.preserve or {"circle": ["square"]}
         for command in commands:  # train first: the others read its adapter
             print(f"-- {command} (smoke)", flush=True)
             commands[command](args)

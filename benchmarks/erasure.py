@@ -89,9 +89,10 @@ def columns_for(kind: str) -> list[Column]:
 
 
 class Bench:
-    def __init__(self, seeds: range, out: pathlib.Path, backbone: str = "unet") -> None:
+    def __init__(self, seeds: range, out: pathlib.Path, backbone: str = "unet", variant: str | None = None,
+                 weights: pathlib.Path | None = None) -> None:
         self.backbone = backbone
-        self.pipe = load_pipeline(backbone=backbone)
+        self.pipe = load_pipeline(backbone=backbone, weights_dir=weights, **({"variant": variant} if variant else {}))
         self.pipe.set_progress_bar_config(disable=True)
         self.detector = load_detector()
         self.seeds = seeds
@@ -307,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (one is fastest on a shared 2-core machine)")
     parser.add_argument("--backbone", default="unet", choices=("unet", "dit"), help="which shapes model")
+    parser.add_argument("--variant", default=None, choices=("sink-pads",),
+                        help="the UNet's sink-pads variant (docs/shapes.md); default: the shipped model")
+    parser.add_argument("--weights", type=pathlib.Path, default=None,
+                        help="a shapes weights folder instead of the packaged one (e.g. a training run's output; "
+                             "with --variant, the folder of the variant's UNet, sink and model.json); the detector is always the packaged one")
     parser.add_argument("--sink", default=None, help="Guard(sink=...) for every GIE run (default: the family's)")
     parser.add_argument("--text-states", default=None, choices=("ride-along", "static"),
                         help="Guard(text_states=...) for the transformer backbone")
@@ -367,10 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     args.out.mkdir(parents=True, exist_ok=True)
-    bench = Bench(range(start, end), args.out, args.backbone)
+    bench = Bench(range(start, end), args.out, args.backbone, args.variant, args.weights)
     window = tuple(float(x) for x in args.window.split(","))
     rows: list[dict] = []
-    md: list[str] = [f"# Erasure on the shapes-world model ({args.backbone})\n\nseeds {start}:{end} per prompted word ({'no sweep' if args.no_sweep else 'sweep: ' + args.sweep_seeds}), "
+    md: list[str] = [f"# Erasure on the shapes-world model ({args.backbone}{', variant ' + args.variant if args.variant else ''})\n\nseeds {start}:{end} per prompted word ({'no sweep' if args.no_sweep else 'sweep: ' + args.sweep_seeds}), "
                      f"{STEPS} DDIM steps, guidance {GUIDANCE}, command: `python benchmarks/erasure.py {' '.join(argv or sys.argv[1:])}`\n"]
     if preserve:
         md.append("anchors: " + "; ".join(f"{t}: {', '.join(a)}" for t, a in preserve.items()) + f" (by {', '.join(mechanisms)})\n")

@@ -97,7 +97,7 @@ class Guard:
     ``"probe"`` or ``"reuse"``. ``sink`` overrides what competes with a concept in its
     attention map, ``text_states`` and ``carry`` how a joint-attention family carries the
     concept's tokens (docs/families.md; the defaults are the measured choices). ``preserve``
-    (``compete``, ``project``, ``both``) and ``controlnet`` (``inhibit``, ``skip``) override the
+    (``auto``, ``compete``, ``project``, ``both``) and ``controlnet`` (``inhibit``, ``skip``) override the
     policy's ``preserve_by`` and ``controlnet`` keys (docs/policies.md) when given.
 
     Metrics go to ``metrics`` (a :class:`GuardMetrics`; default: the one on prometheus'
@@ -129,7 +129,7 @@ class Guard:
         install_log_filters()
         if sink not in _SINKS:
             raise ConfigurationError(f"sink must be one of own, prompt, image (or None), got {sink!r}")
-        for key, value, allowed in (("preserve", preserve, (None, "compete", "project", "both")),
+        for key, value, allowed in (("preserve", preserve, (None, "auto", "compete", "project", "both")),
                                     ("controlnet", controlnet, (None, "inhibit", "skip")),
                                     ("text_states", text_states, ("ride-along", "static")),
                                     ("carry", carry, ("own", "all"))):

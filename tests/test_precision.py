@@ -150,6 +150,33 @@ def test_a_closed_gate_spares_the_image_and_an_open_gate_inhibits_it(sd_pipe):
     assert scaled.gate[0] == pytest.approx(scaled.presence[0], rel=1e-5)
 
 
+def test_the_default_mechanism_is_the_one_measured_best_for_the_family(sd_pipe):
+    from gie_guard.testing import tiny_sd3_pipeline
+
+    anchored = policy(concept={"preserve": ["sunset"]})
+    assert load_policy(anchored).policy.preserve_by == "auto"
+    assert Guard(policy=anchored).plan_for(sd_pipe).preserve == "compete"  # cross-attention
+    assert Guard(policy=anchored).plan_for(tiny_sd3_pipeline()).preserve == "project"  # joint attention
+    assert Guard(policy=anchored, preserve="compete").plan_for(tiny_sd3_pipeline()).preserve == "compete"
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_presence_is_measured_without_the_competing_anchors(family, sd_pipe):
+    # compete anchors shrink every map by their share; a presence threshold (or an adapter's
+    # features) calibrated without anchors must read the same presence with them
+    from gie_guard.testing import tiny_sd3_pipeline
+
+    pipe, size = (sd_pipe, {}) if family == "sd" else (tiny_sd3_pipeline(), {"height": 32, "width": 32})
+    gate = {"mode": "scale", "threshold": 1.0}
+    measured = {}
+    for anchors in ([], ["sunset", "sand"]):
+        guard = Guard(policy=policy(presence=gate, preserve_by="compete", concept={"preserve": anchors}))
+        guard(pipe, prompt="a photo of a beach at sunset", num_inference_steps=2, output_type="np",
+              generator=torch.Generator().manual_seed(0), **size)
+        measured[len(anchors)] = guard.last_report.concepts[0].presence[0]
+    assert measured[2] == pytest.approx(measured[0], rel=1e-5) and 0 < measured[0] < 1
+
+
 # -- suggested anchors -----------------------------------------------------------------
 def test_suggested_anchors_are_near_neighbours_the_policy_does_not_erase(tmp_path):
     from gie_guard.policy.anchors import suggest_anchors
@@ -205,3 +232,29 @@ def test_presence_mode_off_may_be_written_unquoted(tmp_path):
                     "presence: {mode: off}\n")
     snap = load_policy(path)
     assert snap.policy.presence.mode == "off" and snap.concepts[0].presence.mode == "off"
+
+
+def test_an_anchor_that_is_a_near_synonym_of_its_concept_is_warned_about_at_load(tmp_path, caplog, capsys):
+    import logging
+
+    import yaml
+
+    from gie_guard.cli import main
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"name": "p", "concepts": [
+        # "naked" is 0.165 from "nude" in MiniLM (dedup_threshold 0.30 would merge them); "square" is far from "circle"
+        {"id": "nudity", "text": "nude", "scale": 2.0, "preserve": ["naked", "beach"]},
+        {"id": "circle", "text": "circle", "scale": 2.0, "preserve": ["square"]},
+    ]}, sort_keys=False))
+    with caplog.at_level(logging.WARNING, logger="gie_guard.policy"):
+        snap = load_policy(str(path))
+    (warning,) = snap.warnings
+    assert f"{path}:3" in warning and "'nudity'" in warning and "'naked'" in warning and "dedup_threshold 0.3" in warning
+    assert any("'naked'" in r.getMessage() for r in caplog.records)
+    assert main(["policy", "explain", str(path)]) == 0
+    assert "anchor 'naked' is within cosine distance 0.165" in capsys.readouterr().err
+    # dedup off: nothing is called a synonym; no anchors: nothing is embedded for the check
+    quiet = {"name": "p", "dedup_threshold": 0, "concepts": [{"id": "nudity", "text": "nude", "scale": 2.0, "preserve": ["naked"]}]}
+    assert load_policy(quiet).warnings == ()
+    assert load_policy({"name": "p", "concepts": [{"id": "c", "text": "circle", "scale": 1.0}]}).warnings == ()

@@ -157,18 +157,24 @@ def _explain(args: argparse.Namespace) -> int:
     warning = window_warning(policy.inhibit_steps, args.steps)
     if warning:
         print(f"{args.source}: warning: {warning}", file=sys.stderr)
+    for warning in snapshot.warnings:
+        print(f"{args.source}: warning: {warning}", file=sys.stderr)
     return 0
 
 
 def _precision_lines(snapshot: PolicySnapshot) -> list[str]:
     """Preservation anchors and presence gating, per concept (docs/precision.md)."""
     anchored = [c for c in snapshot.concepts if c.anchors]
-    lines = ["", f"preservation anchors (preserve_by: {snapshot.policy.preserve_by}):" if anchored else "preservation anchors: none"]
+    lines = ["", f"preservation anchors (preserve_by: {_mechanism(snapshot.policy.preserve_by)}):" if anchored else "preservation anchors: none"]
     lines += [f"  {c.id}: {', '.join(repr(a) for a in c.anchors)}" for c in anchored]
     gated = [c for c in snapshot.concepts if c.presence.mode != "off"]
     lines.append("presence gating:" if gated else "presence gating: off")
     lines += [f"  {c.id}: {c.presence.mode} at presence >= {c.presence.threshold:g}" for c in gated]
     return lines
+
+
+def _mechanism(preserve_by: str) -> str:
+    return "auto: project on SD3/Flux, compete on UNet/PixArt/Sana" if preserve_by == "auto" else preserve_by
 
 
 def _suggestion_lines(snapshot: PolicySnapshot, args: argparse.Namespace) -> list[str]:

@@ -80,6 +80,9 @@ class CrossSite:
         self.applied = 0  # inhibitor applications in the current denoiser call
         self.kv: list[tuple[torch.Tensor, torch.Tensor, list[int]]] | None = None  # per concept, per call
         self.anchor_kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # per anchor: own tokens' keys, values
+        # what the anchors do to each concept, derived once per call from the (static) text:
+        self.competing: list[torch.Tensor | None] | None = None  # per concept, anchor keys joining its softmax
+        self.spared: list[torch.Tensor] | None = None  # per concept, its values off its anchors' span
         self._handles: list[Any] = []
 
     def install(self) -> None:
@@ -96,6 +99,7 @@ class CrossSite:
         self._handles.clear()
         self.query = self.key = self.mask = None
         self.kv = None
+        self.competing = self.spared = None
 
     # -- hooks -------------------------------------------------------------------------------
     def _on_layer(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -126,20 +130,22 @@ class CrossSite:
         concepts = self._concept_kv(q.dtype)
         scale = self.attn.scale
         sink = self._prompt_lse(q, key, mask, rows, scale) if self.prompt_sink else None
-        competing = self._competing(len(concepts))
+        competing, spared = self._anchor_effects(concepts)
         if call.measuring or call.observing:
-            maps = [attention.concept_maps(q, k, scale=scale, sink_lse=sink, anchor_keys=a)
-                    for (k, _, _), a in zip(concepts, competing)]
+            keys = [k for k, _, _ in concepts]
+            maps = [attention.concept_maps(q, k, scale=scale, sink_lse=sink, anchor_keys=a) for k, a in zip(keys, competing)]
             if call.measuring:
-                call.measured(self.site, call.to_plan_slots([m.mean(dim=(1, 2)) for m in maps], self.slots))
-            if call.observing:  # the share of each pixel's map on the concept's own tokens
+                # adapters and presence thresholds read the concept's map as if it had no anchors
+                plain = attention.maps_without_anchors(q, keys, competing, maps, scale=scale, sink_lse=sink)
+                call.measured(self.site, call.to_plan_slots([m.mean(dim=(1, 2)) for m in plain], self.slots))
+            if call.observing:  # the share of each pixel's (inhibiting) map on the concept's own tokens
                 own = [[i for i, slot in enumerate(slots) if slot in set(call.plan.token_positions[c])]
                        for c, slots in enumerate(self.slots)]
                 call.observe(self.site, [m[..., cols].sum(-1) for m, cols in zip(maps, own)])
         if call.active:
             scales = call.scales_for(q.shape[0])
-            with_w = [(k, self._spare(c, v), scales[..., c, slots], competing[c])
-                      for c, (k, v, slots) in enumerate(concepts)]
+            with_w = [(k, spared[c], scales[..., c, slots], competing[c])
+                      for c, (k, _, slots) in enumerate(concepts)]
             delta = attention.inhibitor(q, with_w, scale=scale, sink_lse=sink,
                                         slice_size=getattr(self.attn.processor, "slice_size", None))
             b, h, n, d = delta.shape
@@ -150,6 +156,17 @@ class CrossSite:
         return (out, *args[1:])
 
     # -- maths -------------------------------------------------------------------------------
+    def _anchor_effects(
+        self, concepts: list[tuple[torch.Tensor, torch.Tensor, list[int]]]
+    ) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
+        """Per concept: the anchors' keys that compete in its softmax and its spared values.
+        Both depend only on the call's text, so they are computed at the first step and kept
+        (a QR per concept, layer and call instead of per step)."""
+        if self.competing is None or self.spared is None:
+            self.competing = self._competing(len(concepts))
+            self.spared = [self._spare(c, v) for c, (_, v, _) in enumerate(concepts)]
+        return self.competing, self.spared
+
     def _competing(self, count: int) -> list[torch.Tensor | None]:
         """Per concept, its anchors' keys that join its softmax (``preserve`` compete/both)."""
         plan = self.call.plan

@@ -176,11 +176,14 @@ class JointInhibitorProcessor:
         per_concept, per_anchor = per_concept[: len(slots)], per_concept[len(slots):]
         competing, spare = self._anchors(per_anchor)
         if call.measuring or call.observing:
-            maps = [attention.concept_maps(q_img, kc, scale=scale, sink_lse=sink, anchor_keys=competing(c))
-                    for c, (kc, _) in enumerate(per_concept)]
+            keys = [kc for kc, _ in per_concept]
+            rivals = [competing(c) for c in range(len(keys))]
+            maps = [attention.concept_maps(q_img, kc, scale=scale, sink_lse=sink, anchor_keys=a) for kc, a in zip(keys, rivals)]
             if call.measuring:
-                call.measured(self.site, call.to_plan_slots([m.mean(dim=(1, 2)) for m in maps], slots))
-            if call.observing:  # the share of each pixel's map on the concept's own tokens
+                # adapters and presence thresholds read the concept's map as if it had no anchors
+                plain = attention.maps_without_anchors(q_img, keys, rivals, maps, scale=scale, sink_lse=sink)
+                call.measured(self.site, call.to_plan_slots([m.mean(dim=(1, 2)) for m in plain], slots))
+            if call.observing:  # the share of each pixel's (inhibiting) map on the concept's own tokens
                 own = [[i for i, slot in enumerate(slots[c]) if slot in set(call.plan.token_positions[c])]
                        for c in range(len(slots))]
                 call.observe(self.site, [m[..., cols].sum(-1) for m, cols in zip(maps, own)])

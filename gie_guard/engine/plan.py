@@ -34,6 +34,9 @@ Carry = Literal["own", "all"]
 # shrinks), "project" (the concept's inhibitor values lose their component in the span of the
 # anchors' values, per layer and head), or "both".
 Preserve = Literal["compete", "project", "both"]
+# "auto": the mechanism measured best for the family (docs/precision.md): project on joint
+# attention (SD3, Flux), compete on cross-attention (UNet, PixArt, Sana)
+PreserveChoice = Literal["auto", "compete", "project", "both"]
 # ControlNets read the prompt through cross-attention of their own: "inhibit" puts the concepts'
 # inhibitors there too (their residuals then do not carry the concept back), "skip" leaves them.
 ControlNetMode = Literal["inhibit", "skip"]
@@ -129,7 +132,7 @@ def compile_plan(
     sink: Sink | None = None,
     text_states: TextStates = "ride-along",
     carry: Carry = "own",
-    preserve: Preserve = "compete",
+    preserve: PreserveChoice = "auto",
     controlnet: ControlNetMode = "inhibit",
 ) -> Plan:
     """Encode every concept once with the pipeline's own prompt encoder.
@@ -154,8 +157,9 @@ def compile_plan(
         raise ConceptError(f"{len(active)} concepts to inhibit; at most {MAX_CONCEPTS} fit one plan")
     if controlnet not in ("inhibit", "skip"):
         raise ConfigurationError(f"controlnet must be inhibit or skip, got {controlnet!r}")
-    if preserve not in ("compete", "project", "both"):
-        raise ConfigurationError(f"preserve must be compete, project or both, got {preserve!r}")
+    if preserve not in ("auto", "compete", "project", "both"):
+        raise ConfigurationError(f"preserve must be auto, compete, project or both, got {preserve!r}")
+    mechanism: Preserve = preserve if preserve != "auto" else ("project" if family.joint else "compete")
     if text_states not in ("ride-along", "static") or carry not in ("own", "all"):
         raise ConfigurationError(f"text_states must be ride-along or static and carry own or all, got {text_states!r}, {carry!r}")
     for c in concepts:  # a concept at scale 0 today must still be one this pipeline can encode
@@ -188,7 +192,7 @@ def compile_plan(
         anchor_positions=anchors.positions if anchors is not None else (),
         anchor_ride_along=(anchors.ride_along or ()) if anchors is not None else (),
         concept_anchors=tuple(tuple(anchor_texts.index(a) for a in dict.fromkeys(c.anchors)) for c in active),
-        preserve=preserve,
+        preserve=mechanism,
         controlnet=controlnet,
         compile_seconds=time.perf_counter() - started,
     )

@@ -19,12 +19,13 @@ import numpy as np
 
 from ..errors import ConfigurationError
 from .dedup import Embedder, _unit_rows, default_embedder
+from .embedcache import CacheDir
 from .files import FileProblem, read_regular_file
 from .loader import shipped_policy_dir
 from .schema import folded_text
-from .snapshot import PolicySnapshot
+from .snapshot import EffectiveConcept, PolicySnapshot
 
-__all__ = ["Suggestion", "read_vocabulary", "shipped_vocabulary", "suggest_anchors"]
+__all__ = ["Suggestion", "read_vocabulary", "shipped_vocabulary", "suggest_anchors", "synonym_anchor_warnings"]
 
 MAX_VOCABULARY = 100_000  # entries; a bigger file is refused (embedding it would take minutes)
 MAX_VOCABULARY_BYTES = 8 * 1024 * 1024
@@ -98,3 +99,36 @@ def vocabulary_of(files: Sequence[str | os.PathLike[str]], *, shipped: bool = Tr
     for path in files:
         entries += read_vocabulary(path)
     return entries
+
+
+def synonym_anchor_warnings(
+    concepts: Sequence[EffectiveConcept],
+    *,
+    threshold: float,
+    embedder: Embedder | None = None,
+    cache_dir: CacheDir = None,
+) -> tuple[str, ...]:
+    """A warning per (concept, anchor) pair closer than ``threshold`` (the policy's
+    ``dedup_threshold``, a cosine distance): the policy would merge the two texts as
+    synonyms, and sparing a synonym of the erased concept can cancel its erasure (``project``
+    takes the concept's own direction out of its inhibitor). Exact repeats are refused by the
+    schema; this catches the near ones. Nothing to check when the threshold is 0 or no
+    concept has anchors."""
+    anchored = [c for c in concepts if c.anchors]
+    if threshold <= 0 or not anchored:
+        return ()
+    anchors = list(dict.fromkeys(a for c in anchored for a in c.anchors))
+    rows = _unit_rows([c.text for c in anchored] + anchors, embedder or default_embedder(), cache_dir)
+    at = {a: len(anchored) + i for i, a in enumerate(anchors)}
+    warnings = []
+    for i, concept in enumerate(anchored):
+        for anchor in concept.anchors:
+            distance = float(np.clip(1.0 - rows[i] @ rows[at[anchor]], 0.0, 2.0))
+            if distance < threshold:
+                where = f"{concept.declared_at}: " if concept.declared_at else ""
+                warnings.append(
+                    f"{where}concept {concept.id!r}: anchor {anchor!r} is within cosine distance {distance:.3f} of "
+                    f"{concept.text!r} (dedup_threshold {threshold:g}), a synonym the policy would merge; sparing it "
+                    "can cancel the erasure: remove it from preserve: or check it with benchmarks/erasure.py --preserve"
+                )
+    return tuple(warnings)

@@ -129,8 +129,9 @@ class Verify(_Frozen):
 
 # How preservation anchors spare a concept's neighbours (gie_guard/engine/plan.py, docs/precision.md):
 # "compete" (anchors compete with the concept for pixels), "project" (inhibitor values lose their
-# component along the anchors' values), "both".
-PreserveBy = Literal["compete", "project", "both"]
+# component along the anchors' values), "both"; "auto" (default): the family's measured best,
+# project on joint attention (SD3, Flux), compete elsewhere.
+PreserveBy = Literal["auto", "compete", "project", "both"]
 
 
 class Presence(_Frozen):
@@ -201,7 +202,7 @@ class Policy(_Frozen):
     on_missing_adapter: Literal["fallback", "error"] = "fallback"
     auto_scale: AutoScale = AutoScale()
     preserve: tuple[Text, ...] = ()  # anchors every concept spares
-    preserve_by: PreserveBy = "compete"
+    preserve_by: PreserveBy = "auto"
     presence: Presence = Presence(mode="off")  # each concept's default
     # a ControlNet's own cross-attention: inhibit the concepts there too, or leave it alone
     controlnet: Literal["inhibit", "skip"] = "inhibit"

@@ -77,6 +77,8 @@ class PolicySnapshot:
     source: str | None
     loaded_at: float
     files: tuple[str, ...] = ()
+    # load-time warnings that do not stop the policy (e.g. an anchor that is a near-synonym of its concept)
+    warnings: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:

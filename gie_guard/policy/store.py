@@ -28,7 +28,7 @@ from .dedup import Embedder, deduplicate
 from .embedcache import CacheDir
 from .files import file_fingerprint
 from .loader import FlatPolicy, PolicySource, Roots, read_policy
-from .snapshot import PolicySnapshot, content_hash, expand_concepts
+from .snapshot import EffectiveConcept, PolicySnapshot, content_hash, expand_concepts
 from .yamlio import MAX_POLICY_BYTES
 
 __all__ = ["PolicyStore", "ReloadEvent", "ReloadState", "load_policy"]
@@ -83,11 +83,28 @@ def _compile(flat: FlatPolicy, embedder: Embedder | None, digest: str | None = N
             f"{len(kept):,} concepts after deduplication ({len(candidates):,} texts before); a policy may apply at "
             f"most {MAX_CONCEPTS:,} (MAX_CONCEPTS)", file=flat.source, place="concepts",
         )
+    warnings = _anchor_warnings(kept, flat, embedder, cache_dir)
+    for warning in warnings:
+        log.warning("policy %s: %s", flat.source or flat.policy.name, warning)
     return PolicySnapshot(
         policy=flat.policy, concepts=kept, merges=merges,
         content_hash=digest or content_hash(flat.policy, candidates),
-        source=flat.source, loaded_at=time.time(), files=flat.files,
+        source=flat.source, loaded_at=time.time(), files=flat.files, warnings=warnings,
     )
+
+
+def _anchor_warnings(kept: tuple[EffectiveConcept, ...], flat: FlatPolicy, embedder: Embedder | None,
+                     cache_dir: CacheDir) -> tuple[str, ...]:
+    """Near-synonym anchors (``anchors.synonym_anchor_warnings``). A warning, not a load
+    failure, so it must not fail the load either: an embedder error is one more warning."""
+    from .anchors import synonym_anchor_warnings
+
+    try:
+        return synonym_anchor_warnings(kept, threshold=flat.policy.dedup_threshold, embedder=embedder,
+                                       cache_dir=cache_dir)
+    except Exception as exc:
+        return (f"could not check the preservation anchors for synonyms of their concepts "
+                f"({type(exc).__name__}: {exc})",)
 
 
 class _Rejected(Exception):

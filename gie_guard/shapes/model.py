@@ -5,6 +5,10 @@ a UNet with Stable Diffusion 1.x's block layout (16 cross-attention layers, so G
 the same number of layers and adapter features as on SD 1.x), DDIM sampling, and the
 frozen-MiniLM sink encoder (text_encoder.py) on 77-token prompts.
 `load_pipeline(backbone="dit")` builds the transformer (SD3-family) model instead (dit_model.py).
+`load_pipeline(variant="sink-pads")` builds the sink-pads variant: the same architecture and
+shared autoencoder, with its own UNet and sink (weights/sink-pads/) trained with end and pad
+positions holding copies of the sink, so concept tokens' attention maps are local
+(docs/shapes.md, "The sink-pads variant").
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from transformers import PreTrainedTokenizerBase
 from .text_encoder import SinkTextEncoder, load_tokenizer
 
 WEIGHTS_DIR = pathlib.Path(__file__).parent / "weights"
+# variant name -> folder of its UNet, sink and model.json; the autoencoder is always WEIGHTS_DIR's
+VARIANTS = {"default": WEIGHTS_DIR, "sink-pads": WEIGHTS_DIR / "sink-pads"}
 LATENT_SIZE = 8  # 32 px / 4 (three encoder blocks)
 
 VAE_CONFIG = dict(
@@ -85,30 +91,58 @@ def assemble_pipeline(
     return pipe
 
 
-def load_pipeline(
-    device: str | torch.device = "cpu",
-    weights_dir: str | pathlib.Path | None = None,
-    backbone: str = "unet",
-) -> Any:
-    """The trained shapes pipeline in float32 on `device`, built from the packaged weights.
+def variant_dir(variant: str | None) -> pathlib.Path:
+    """The packaged folder of a UNet variant's weights; ValueError for an unknown name."""
+    name = "default" if variant is None else variant
+    if name not in VARIANTS:
+        raise ValueError(f"unknown shapes variant {variant!r}: expected one of {sorted(VARIANTS)} (or None)")
+    return VARIANTS[name]
 
-    backbone "unet" (default): the `StableDiffusionPipeline`; "dit": the transformer model,
-    a `StableDiffusion3Pipeline` (dit_model.py)."""
-    if backbone == "dit":
-        from .dit_model import load_dit_pipeline
 
-        return load_dit_pipeline(device, weights_dir)
-    if backbone != "unet":
-        raise ValueError(f"unknown shapes backbone {backbone!r}: expected 'unet' or 'dit'")
+def load_vae(weights_dir: str | pathlib.Path | None = None) -> AutoencoderKL:
+    """The autoencoder in float32 with its latent scaling factor (from ``model.json``)."""
     wdir = pathlib.Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     meta = json.loads((wdir / "model.json").read_text())
     vae = new_vae()
     vae.load_state_dict({k: v.float() for k, v in load_file(wdir / "vae.safetensors").items()})
     vae.register_to_config(scaling_factor=meta["scaling_factor"])
+    return vae
+
+
+def load_pipeline(
+    device: str | torch.device = "cpu",
+    weights_dir: str | pathlib.Path | None = None,
+    backbone: str = "unet",
+    variant: str | None = None,
+) -> Any:
+    """The trained shapes pipeline in float32 on `device`, built from the packaged weights.
+
+    backbone "unet" (default): the `StableDiffusionPipeline`; "dit": the transformer model,
+    a `StableDiffusion3Pipeline` (dit_model.py).
+
+    variant (unet only) None or "default": the shipped model (weights/); "sink-pads": the
+    sink-pads variant, whose UNet, sink and model.json are in weights/sink-pads/ (or in
+    `weights_dir`, e.g. a training run's output folder) and whose autoencoder is the
+    shared one in weights/. Its text encoder's end and pad positions hold copies of the
+    sink (``pad_mode`` "sink", recorded in its model.json)."""
+    name = "default" if variant is None else variant
+    vdir = variant_dir(variant)  # ValueError for an unknown variant
+    if backbone == "dit":
+        if name != "default":
+            raise ValueError(f"the shapes variant {variant!r} exists for backbone 'unet' only")
+        from .dit_model import load_dit_pipeline
+
+        return load_dit_pipeline(device, weights_dir)
+    if backbone != "unet":
+        raise ValueError(f"unknown shapes backbone {backbone!r}: expected 'unet' or 'dit'")
+    wdir = pathlib.Path(weights_dir) if weights_dir is not None else vdir
+    meta = json.loads((wdir / "model.json").read_text())
+    # a variant trains only the UNet and sink, on the shared autoencoder
+    vae = load_vae(wdir if name == "default" else WEIGHTS_DIR)
     unet = new_unet()
     unet.load_state_dict({k: v.float() for k, v in load_file(wdir / "unet.safetensors").items()})
     tokenizer = load_tokenizer()
-    text_encoder = SinkTextEncoder.create(tokenizer)
+    text_encoder = SinkTextEncoder.create(tokenizer, pad_mode=meta.get("pad_mode", "zero"))
     text_encoder.sink.data.copy_(load_file(wdir / "sink.safetensors")["sink"].float())
     text_encoder.eval()  # type: ignore[no-untyped-call]  # unannotated in transformers
     pipe = assemble_pipeline(vae.eval(), unet.eval(), text_encoder, tokenizer)

