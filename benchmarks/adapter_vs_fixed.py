@@ -53,6 +53,8 @@ from gie_guard.shapes.quality import prompt_for  # noqa: E402
 
 STEPS, GUIDANCE = 20, 5.0
 OUT = REPO / "adapters" / "shapes-circle.safetensors"
+# first seeds of the prompts with and without the concept (prompt i uses seed + i) in compare and sweep
+SEED_WITH, SEED_WITHOUT = 10_000, 20_000
 
 
 def things_with(concept: str, n: int, rng: np.random.Generator, named: bool) -> list[Thing]:
@@ -143,8 +145,7 @@ def cmd_compare(args) -> None:
     results = {}
     for concept in args.concepts:
         with_c, without = prompts_for(concept, args.n, args.n, seed=100 + len(results))
-        seed_w, seed_wo = 10_000, 20_000
-        refs_w, refs_wo = images(pipe, with_c, seed_w), images(pipe, without, seed_wo)
+        refs_w, refs_wo = images(pipe, with_c, SEED_WITH), images(pipe, without, SEED_WITHOUT)
         rows = {}
         anchors = args.preserve.get(concept, [])
         # with --preserve: the large fixed scale and the adapter again, with the concept's anchors
@@ -156,7 +157,7 @@ def cmd_compare(args) -> None:
                 g = Guard(policy=policy(concept, scale, args.window, kept, args.preserve_by))
                 name = f"fixed {scale:g} ({label}){suffix}"
                 rows[name] = evaluate(detector, concept, refs_w, refs_wo,
-                                      images(pipe, with_c, seed_w, g), images(pipe, without, seed_wo, g))
+                                      images(pipe, with_c, SEED_WITH, g), images(pipe, without, SEED_WITHOUT, g))
                 rows[name]["scale_mean"] = scale
             rows[f"adapter{suffix}"] = adapter_row(pipe, detector, adapter, concept, with_c, without, refs_w, refs_wo,
                                                    policy(concept, auto_scale(args.small), args.window, kept, args.preserve_by))
@@ -187,7 +188,7 @@ def adapter_row(pipe, detector, adapter, concept, with_c, without, refs_w, refs_
             scales[key].append(g.last_report.concepts[0].token_scales[0])
         return np.concatenate(out)
 
-    row = evaluate(detector, concept, refs_w, refs_wo, one_by_one(with_c, 10_000, "with"), one_by_one(without, 20_000, "without"))
+    row = evaluate(detector, concept, refs_w, refs_wo, one_by_one(with_c, SEED_WITH, "with"), one_by_one(without, SEED_WITHOUT, "without"))
     row["scale_mean"] = float(np.mean(scales["with"]))
     row["scale_mean_without"] = float(np.mean(scales["without"]))
     return row
@@ -198,14 +199,14 @@ def cmd_sweep(args) -> None:
     pipe, detector = load(args)
     for concept in args.concepts:
         with_c, without = prompts_for(concept, args.n, args.n, seed=100)
-        refs_w, refs_wo = images(pipe, with_c, 10_000), images(pipe, without, 20_000)
+        refs_w, refs_wo = images(pipe, with_c, SEED_WITH), images(pipe, without, SEED_WITHOUT)
         null_w = None
         print(f"\n{concept!r}: scale, removal, preservation, collateral, collateral of the null concept 'zqxv'")
         for scale in args.scales:
             g = Guard(policy=policy(concept, scale, args.window))
-            r = evaluate(detector, concept, refs_w, refs_wo, images(pipe, with_c, 10_000, g), images(pipe, without, 20_000, g))
+            r = evaluate(detector, concept, refs_w, refs_wo, images(pipe, with_c, SEED_WITH, g), images(pipe, without, SEED_WITHOUT, g))
             null = Guard(policy=policy("zqxv", scale, args.window))
-            null_w = images(pipe, without, 20_000, null)
+            null_w = images(pipe, without, SEED_WITHOUT, null)
             null_change = float(np.mean([a != b for a, b in zip(detector(refs_wo), detector(null_w))]))
             print(f"  {scale:6g} {r['removal']:6.2f} {r['preservation']:6.2f} {r['collateral']:6.2f} {null_change:6.2f}"
                   f"   (shown unguarded {r['shown_unguarded']}/{args.n})")

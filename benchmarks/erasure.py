@@ -92,7 +92,7 @@ class Bench:
     def __init__(self, seeds: range, out: pathlib.Path, backbone: str = "unet", variant: str | None = None,
                  weights: pathlib.Path | None = None) -> None:
         self.backbone = backbone
-        self.pipe = load_pipeline(backbone=backbone, weights_dir=weights, **({"variant": variant} if variant else {}))
+        self.pipe = load_pipeline(backbone=backbone, weights_dir=weights, variant=variant)
         self.pipe.set_progress_bar_config(disable=True)
         self.detector = load_detector()
         self.seeds = seeds

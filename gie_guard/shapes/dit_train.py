@@ -40,16 +40,8 @@ from safetensors.torch import save_file
 from . import dit_model as dm
 from .dit_text import SinkClipTextEncoder, create_encoders, load_dit_tokenizer
 from .model import WEIGHTS_DIR
-from .train import P_EMPTY, P_NO_COLOUR, CaptionStates, Log, encode_pool, optimizer_step
+from .train import P_EMPTY, P_NO_COLOUR, CaptionStates, Log, build_pool, optimizer_step
 from .world import Scene, describe
-
-
-def build_pool(
-    vae: Any, rng: np.random.Generator, n: int, scaling_factor: float
-) -> tuple[list[Scene], torch.Tensor]:
-    """n scenes and their scaled latents (n, 4, 8, 8), with the shipped autoencoder."""
-    scenes, latents = encode_pool(vae, rng, n)
-    return scenes, latents * scaling_factor
 
 
 class ClipSlotStates(CaptionStates[SinkClipTextEncoder]):
@@ -79,7 +71,7 @@ def train(args: argparse.Namespace, log: Log) -> dict[str, Any]:
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    scenes, latents = build_pool(vae, rng, args.pool, scaling)
+    scenes, latents, _ = build_pool(vae, rng, args.pool, scale=scaling)  # the shipped autoencoder's factor
     log(f"latent pool {tuple(latents.shape)} (autoencoder from {source}), latent std {latents.std():.3f}")
     # two-thing scenes keep two fixed captions each, so their MiniLM states can be cached
     two_thing = {i: [describe(s, rng) for _ in range(2)] for i, s in enumerate(scenes) if len(s.things) == 2}

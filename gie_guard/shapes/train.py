@@ -98,16 +98,12 @@ def encode_pool(vae: Any, rng: np.random.Generator, n: int, p_two: float = P_TWO
     return scenes, torch.cat(chunks)
 
 
-def build_pool(vae: Any, rng: np.random.Generator, n: int) -> tuple[list[Scene], torch.Tensor, float]:
-    """n scenes with their latents (n, 4, 8, 8), and the latents' scaling factor."""
-    return build_pool_p(vae, rng, n, P_TWO)
-
-
-def build_pool_p(
-    vae: Any, rng: np.random.Generator, n: int, p_two: float, scale: float | None = None,
+def build_pool(
+    vae: Any, rng: np.random.Generator, n: int, p_two: float = P_TWO, scale: float | None = None,
 ) -> tuple[list[Scene], torch.Tensor, float]:
-    """As :func:`build_pool`, with a share ``p_two`` of two-thing scenes; ``scale`` given
-    (a shipped autoencoder's factor) is used instead of one measured on the pool."""
+    """n scenes (a share ``p_two`` of them with two things) with their scaled latents
+    (n, 4, 8, 8), and the scaling factor: ``scale`` when given (a shipped autoencoder's),
+    else one measured on the pool."""
     scenes, latents = encode_pool(vae, rng, n, p_two)
     if scale is None:
         scale = 1.0 / latents.std().item()
@@ -281,11 +277,11 @@ def train_unet(
     return steps, running
 
 
-LOCAL_P_TWO = 0.5  # --variant sink-pads: half the scenes show two things
-LOCAL_PAD_MODE = "sink"
+SINK_PADS_P_TWO = 0.5  # --variant sink-pads: half the scenes show two things
+SINK_PADS_PAD_MODE = "sink"
 
 
-def train_local(args: argparse.Namespace) -> None:
+def train_sink_pads(args: argparse.Namespace) -> None:
     """The sink-pads variant: UNet + sink only, on the shipped autoencoder (docs/shapes.md)."""
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -293,14 +289,14 @@ def train_local(args: argparse.Namespace) -> None:
     log = Log(args.out / "train.log")
     start = time.time()
     warm_start = WEIGHTS_DIR if args.warm_start is None else args.warm_start
-    p_two = LOCAL_P_TWO if args.p_two is None else args.p_two
-    pad_mode = LOCAL_PAD_MODE if args.pad_mode is None else args.pad_mode
+    p_two = SINK_PADS_P_TWO if args.p_two is None else args.p_two
+    pad_mode = SINK_PADS_PAD_MODE if args.pad_mode is None else args.pad_mode
     log(f"args {vars(args)}; warm start {warm_start}, p_two {p_two}, pad_mode {pad_mode}")
 
     # the shipped autoencoder and its scaling factor: the warm-start UNet was trained on those latents
     vae = load_vae(WEIGHTS_DIR).eval()
     shared_scale = float(vae.config.scaling_factor)
-    scenes, latents, scale = build_pool_p(vae, rng, args.pool, p_two, scale=shared_scale)
+    scenes, latents, scale = build_pool(vae, rng, args.pool, p_two, scale=shared_scale)
     shipped = warm_start.resolve() == WEIGHTS_DIR.resolve()
     meta: dict[str, Any] = {
         "variant": "sink-pads",
@@ -366,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.variant == "sink-pads":
         if args.backbone != "unet":
             ap.error("--variant sink-pads is a UNet variant (--backbone unet)")
-        train_local(args)
+        train_sink_pads(args)
         return
     if args.backbone == "dit":
         args.out.mkdir(parents=True, exist_ok=True)
@@ -384,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     vae = train_vae(rng, args.vae_steps, 64, log)
     save_file(half_state(vae), args.out / "vae.safetensors")
     p_two = P_TWO if args.p_two is None else args.p_two
-    scenes, latents, scale = build_pool_p(vae, rng, args.pool, p_two)
+    scenes, latents, scale = build_pool(vae, rng, args.pool, p_two)
     meta: dict[str, Any] = {"scaling_factor": scale, "seed": args.seed}
     if (args.pad_mode is not None or args.p_two is not None or args.warm_start is not None
             or args.two_order != "left-right"):
