@@ -71,6 +71,8 @@ def assert_live_within_limit(store: PolicyStore, version: int) -> float:
 def assert_failure_counted(store: PolicyStore, recorder: Recorder, before: int, words: str) -> None:
     assert wait_for(lambda: store.state.failed_count > before, LIMIT_S) is not None, store.state
     assert words in (store.state.last_error or ""), store.state.last_error
+    # the store counts a failure, then calls its listeners: give the event time to arrive
+    wait_for(lambda: recorder.failures == store.state.failed_count, LIMIT_S)
     assert store.state.failed_count == recorder.failures
 
 
