@@ -24,6 +24,7 @@ from .errors import (
     MissingDependencyError,
     PolicyError,
     PolicyNotFoundError,
+    UnguardedUseError,
     UnsupportedPipelineError,
 )
 
@@ -75,6 +76,7 @@ __all__ = [
     "PolicyNotFoundError",
     "PolicySnapshot",
     "SuppressionRule",
+    "UnguardedUseError",
     "UnsupportedPipelineError",
     "Verifier",
     "__version__",

@@ -12,6 +12,8 @@ Every error derives from :class:`GuardError`, so ``except GuardError`` catches a
     ├── UnsupportedPipelineError   the generator cannot be hooked: nothing is generated unguarded
     ├── GuardedCallError           the guarded call could not be guarded as asked (step window,
     │                              state, a verifier that answered wrongly); output withheld
+    ├── UnguardedUseError          a model a guard owns was run outside a guarded call (from_pipe,
+    │                              **components, a copy, a hand-written loop); nothing generated
     ├── ContentBlockedError        a verifier found a concept whose action is `block`; output
     │                              withheld (carries the call's report and the detections)
     └── AdapterError               an adapter file is unusable (file, problem)
@@ -39,6 +41,7 @@ __all__ = [
     "MissingDependencyError",
     "PolicyError",
     "PolicyNotFoundError",
+    "UnguardedUseError",
     "UnsupportedPipelineError",
 ]
 
@@ -113,6 +116,11 @@ class UnsupportedPipelineError(GuardError, TypeError):
 
 class GuardedCallError(GuardError, RuntimeError):
     """A guarded call could not be guarded as asked; its output, if any, is withheld."""
+
+
+class UnguardedUseError(GuardError, RuntimeError):
+    """A denoiser (or ControlNet) that a Guard owns (``guard.wrap``, ``guard.attached``) was
+    run outside a guarded call; nothing was generated. ``guard.release(pipe)`` gives it back."""
 
 
 class ContentBlockedError(GuardError):

@@ -4,6 +4,7 @@ pipeline it meets, and runs every generator call through the engine (gie_guard.e
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import logging
@@ -26,9 +27,11 @@ from .engine import (
     family_for,
     guarded_call,
 )
+from .engine import ownership
 from .errors import ConfigurationError, ContentBlockedError, GuardError, PolicyError
 from .logs import install_log_filters
 from .metrics import GuardMetrics
+from .plan_cache import DEFAULT_MAX_PLAN_BYTES, DEFAULT_MAX_PLANS, PlanCache, encoder_fingerprint
 from .policy import PolicySnapshot, PolicyStore
 from .report import AppliedConcept, GuardedOutput, GuardReport
 from .verifiers import Verifier, check_verifiers, default_verifiers, run_verifiers
@@ -45,32 +48,18 @@ def _unguarded_call(pipe: Any) -> Callable[..., Any]:
     return call
 
 
-def _encoder_state(pipe: Any, kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What changes concept encodings between calls: text-encoder weights (LoRA loaded or
-    fused, adapters switched: parameter identities and in-place versions), a LoRA scale
-    passed to this call, and tokens added to a tokenizer (textual inversion)."""
-    state: list[Any] = []
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        module = getattr(pipe, name, None)
-        if module is None or not hasattr(module, "parameters"):
-            continue
-        params = list(module.parameters())
-        state.append((name, id(module), hash(tuple(map(id, params))), sum(p._version for p in params)))
-        active = getattr(module, "active_adapters", None)
-        if callable(active):
-            with contextlib.suppress(Exception):
-                state.append(tuple(active()))
+def _compile_view(pipe: Any) -> Any:
+    """``pipe`` as a plan compile sees it: the same models, private copies of its tokenizers.
+    Fast tokenizers keep padding and truncation settings as state, so a compile (on a reload's
+    watcher thread) must never share one with code using the pipeline meanwhile (a guarded call,
+    or a service counting prompt tokens). A shallow copy costs microseconds; a tokenizer copy
+    tens of milliseconds (46 ms for the tiny pipelines' BERT tokenizer), once per compile."""
+    view = copy.copy(pipe)
     for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
-        tokenizer = getattr(pipe, name, None)
+        tokenizer = pipe.__dict__.get(name)
         if tokenizer is not None:
-            state.append((name, len(tokenizer)))
-    for key in ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs"):
-        extra = kwargs.get(key) or {}
-        if isinstance(extra, Mapping) and "scale" in extra:
-            state.append((key, float(extra["scale"])))
-    if "lora_scale" in kwargs:
-        state.append(("lora_scale", kwargs["lora_scale"]))
-    return tuple(state)
+            object.__setattr__(view, name, copy.deepcopy(tokenizer))
+    return view
 
 
 class Guard:
@@ -104,6 +93,15 @@ class Guard:
     global registry). ``verifiers`` adds or replaces verifiers by name for the policy's
     ``verify`` keys (docs/observability.md). ``on_report`` is called with every report; an
     exception it raises is logged and does not fail the (already guarded) call.
+
+    ``exclusive`` (default True): a pipeline this guard wraps or attaches is *owned*: its
+    denoiser and ControlNets run only inside guarded calls, whichever pipeline object or code
+    calls them (``from_pipe``, ``**components``, copies, a hand-written loop); any other call
+    raises ``UnguardedUseError`` until ``guard.release(pipe)``, the end of ``attached()``, or
+    ``guard.close()``. ``exclusive=False`` leaves the raw pipeline usable beside the guarded one.
+
+    Compiled plans are cached per pipeline and encoding settings, at most ``max_plans`` plans
+    and ``max_plan_bytes`` bytes (least recently used out; docs/policies.md).
     """
 
     def __init__(
@@ -125,6 +123,9 @@ class Guard:
         preserve: str | None = None,
         controlnet: str | None = None,
         name: str | None = None,
+        exclusive: bool = True,
+        max_plans: int = DEFAULT_MAX_PLANS,
+        max_plan_bytes: int = DEFAULT_MAX_PLAN_BYTES,
     ) -> None:
         install_log_filters()
         if sink not in _SINKS:
@@ -137,6 +138,11 @@ class Guard:
                 raise ConfigurationError(f"{key} must be one of {', '.join(str(a) for a in allowed if a)}, got {value!r}")
         if on_report is not None and not callable(on_report):
             raise ConfigurationError("on_report must be callable")
+        if not isinstance(exclusive, bool):
+            raise ConfigurationError(f"exclusive must be True or False, got {exclusive!r}")
+        if not (isinstance(max_plans, int) and max_plans >= 1 and isinstance(max_plan_bytes, int) and max_plan_bytes >= 1):
+            raise ConfigurationError(f"max_plans and max_plan_bytes must be positive integers, got {max_plans!r}, "
+                                     f"{max_plan_bytes!r}")
         self._sink = sink
         # measured choices of the engine (docs/families.md, docs/precision.md)
         self._engine_options = {"text_states": text_states, "carry": carry}
@@ -148,10 +154,15 @@ class Guard:
         self._on_report = on_report
         self._local = threading.local()
         # compiled plans per pipeline, keyed by what they depend on
-        self._plans: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], Plan]] = weakref.WeakKeyDictionary()
+        self._plans = PlanCache(max_plans, max_plan_bytes)
         self._auto_choices: weakref.WeakKeyDictionary[Plan, tuple[AutoChoice, ...]] = weakref.WeakKeyDictionary()
         self._plans_lock = threading.Lock()
         self._served: weakref.WeakSet[Any] = weakref.WeakSet()  # pipelines a reload must compile for
+        self._exclusive = exclusive
+        self._owner = ownership.Owner(f"a Guard{f' {name!r}' if name else ''}")
+        # pipelines this guard owns -> the models it claimed on them
+        self._owned: weakref.WeakKeyDictionary[Any, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
+        self._owned_lock = threading.Lock()
         if metrics is not None and registry is not None:
             raise ConfigurationError("pass metrics= or registry=, not both")
         if metrics is None and registry is None:
@@ -165,8 +176,9 @@ class Guard:
         self._metrics = metrics
         # the store starts its watcher last; if anything after it fails, it is stopped
         self._store = PolicyStore(policy, watch=watch, embedder=embedder, roots=policy_roots, validate=self._validate)
+        self._owner.label += f" (policy {self._store.current.name!r})"
         try:
-            self._metrics.track(self._store, guard=name)
+            self._metrics.track(self._store, guard=name, plans=self._plans)
         except BaseException:
             self._store.close()
             raise
@@ -192,10 +204,46 @@ class Guard:
         return self._store.reload()
 
     def close(self) -> None:
-        """Stop watching the policy file."""
+        """Stop watching the policy file and release every pipeline this guard owns."""
+        self._owner.closed = True  # copies of owned models, too, are free of this guard now
+        with self._owned_lock:
+            owned = [(pipe, list(models)) for pipe, models in self._owned.items()]
+            self._owned.clear()
+        for _, models in owned:
+            for model in models:
+                ownership.release(model, self._owner)
         self._store.close()
         with contextlib.suppress(Exception):
             self._metrics.untrack(self._store)
+
+    # -- ownership ----------------------------------------------------------------------------
+    def owns(self, pipe: Any) -> bool:
+        """Whether this guard owns ``pipe``'s denoiser (``wrap`` or ``attached`` with exclusive)."""
+        pipe = _unwrapped(pipe)
+        return any(self._owner in ownership.owners_of(m) for m in family_for(pipe).owned_models(pipe))
+
+    def release(self, pipe: Any) -> None:
+        """Give ``pipe``'s denoiser and ControlNets back: raw calls of them work again (the
+        wrapper, if any, stays guarded)."""
+        pipe = _unwrapped(pipe)
+        with self._owned_lock:
+            models = list(self._owned.pop(pipe, ()))
+        with contextlib.suppress(GuardError):
+            models += family_for(pipe).owned_models(pipe)
+        for model in models:
+            ownership.release(model, self._owner)
+
+    def _take(self, pipe: Any) -> None:
+        """Own ``pipe``'s models (again: a denoiser swapped in since is claimed too)."""
+        if self._owner.closed:
+            raise GuardError("this Guard is closed: it cannot take a pipeline (make a new Guard)")
+        models = family_for(pipe).owned_models(pipe)
+        with self._owned_lock:
+            claimed = self._owned.setdefault(pipe, weakref.WeakSet())
+            for model in models:
+                if model not in claimed or self._owner not in ownership.owners_of(model):
+                    ownership.own(model, self._owner)
+                    claimed.add(model)
 
     def __enter__(self) -> Guard:
         return self
@@ -235,30 +283,44 @@ class Guard:
         """Like calling the guard, but returns the output and its report together."""
         return self._guarded_call(pipe, args, kwargs)
 
-    def wrap(self, pipe: Any) -> GuardedPipeline:
+    def wrap(self, pipe: Any, *, exclusive: bool | None = None) -> GuardedPipeline:
         """An object called exactly like ``pipe``; every call is guarded, and methods that
-        return the pipeline (``.to()``, ``.half()``) return the wrapper."""
+        return the pipeline (``.to()``, ``.half()``, ``from_pipe``) return a wrapper. With
+        ``exclusive`` (default: the guard's), the guard owns ``pipe``'s denoiser (see Guard)."""
+        pipe = _unwrapped(pipe)
         family_for(pipe)
+        if self._exclusive if exclusive is None else exclusive:
+            self._take(pipe)
         return GuardedPipeline(self, pipe)
 
     @contextlib.contextmanager
-    def attached(self, pipe: Any) -> Iterator[Any]:
-        """Within the block, every call of ``pipe`` (by any code) is guarded."""
+    def attached(self, pipe: Any, *, exclusive: bool | None = None) -> Iterator[Any]:
+        """Within the block, every call of ``pipe`` (by any code) is guarded; with
+        ``exclusive`` (default: the guard's) any other use of its denoiser is refused."""
         family_for(pipe)
         cls = type(pipe)
         if hasattr(cls, "_gie_guard_base"):
             raise GuardError(f"a guard is already attached to this {cls._gie_guard_base.__name__}")
         guard = self
+        take = (self._exclusive if exclusive is None else exclusive) and not self.owns(pipe)
+        if take:
+            self._take(pipe)
 
         def guarded_call(self_pipe: Any, *args: Any, **kwargs: Any) -> Any:
             return guard._guarded_call(self_pipe, args, kwargs).output
 
-        # A subclass whose __call__ is guarded: `pipe(...)` looks __call__ up on the type.
-        pipe.__class__ = type(cls.__name__, (cls,), {"__call__": guarded_call, "_gie_guard_base": cls, "_gie_guard": self})
+        # A subclass whose __call__ is guarded: `pipe(...)` looks __call__ up on the type. Copies
+        # made meanwhile keep this class, so they stay guarded after the block.
+        pipe.__class__ = type(cls.__name__, (cls,), {
+            "__call__": guarded_call, "_gie_guard_base": cls, "_gie_guard": self,
+            "__copy__": _copy_instance, "__deepcopy__": _deepcopy_instance, "__reduce_ex__": _refuse_pickle,
+        })
         try:
             yield pipe
         finally:
             pipe.__class__ = cls
+            if take:
+                self.release(pipe)
 
     def plan_for(self, pipe: Any, snapshot: PolicySnapshot | None = None, **call: Any) -> Plan:
         """The compiled plan of ``snapshot`` (default: the live policy) for ``pipe`` called with
@@ -270,26 +332,24 @@ class Guard:
         family = family_for(pipe)
         options = family.encoding_options(pipe, dict(kwargs))
         key = (snapshot.content_hash, tuple(sorted(options.items())), self._sink, id(family.denoiser(pipe)),
-               _encoder_state(pipe, kwargs))
-        with self._plans_lock:
-            plan = self._plans.setdefault(pipe, {}).get(key)
+               encoder_fingerprint(pipe, kwargs))
+        plan = self._plans.get(pipe, key)
         if plan is not None:
             return plan, 0.0
         specs, choices = self._concept_specs(snapshot, pipe)
-        # Encoding runs the pipeline's tokenizer, whose padding settings are shared state:
-        # never beside a guarded call on the same pipeline (a reload compiles from the watcher).
+        # Encoding runs tokenizers, whose padding settings are shared state: compiles use private
+        # copies, and never run beside a guarded call on the same denoiser (a reload compiles from
+        # the watcher thread; a LoRA scale is applied to the text encoder while it encodes).
         with denoiser_lock(family.denoiser(pipe)):
-            plan = compile_plan(pipe, specs, self._window(snapshot), options=options, family=family, sink=self._sink,  # type: ignore[arg-type]
+            plan = compile_plan(_compile_view(pipe), specs, self._window(snapshot), options=options, family=family, sink=self._sink,  # type: ignore[arg-type]
                                 preserve=self._preserve or snapshot.policy.preserve_by,  # type: ignore[arg-type]
                                 controlnet=self._controlnet or snapshot.policy.controlnet,  # type: ignore[arg-type]
                                 **self._engine_options)  # type: ignore[arg-type]
         with self._plans_lock:
             self._auto_choices[plan] = choices
-            plans = self._plans.setdefault(pipe, {})
-            live = self._store.current.content_hash if hasattr(self, "_store") else snapshot.content_hash
-            for stale in [k for k in plans if k[0] not in (snapshot.content_hash, live)]:
-                del plans[stale]  # keep the live policy's plans (and a candidate's)
-            plans[key] = plan
+        live = self._store.current.content_hash if hasattr(self, "_store") else snapshot.content_hash
+        # keep the live policy's plans (and a candidate's)
+        self._plans.put(pipe, key, plan, keep=lambda k: k[0] in (snapshot.content_hash, live))
         return plan, plan.compile_seconds
 
     def _guarded_call(self, pipe: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> GuardedOutput:
@@ -315,6 +375,8 @@ class Guard:
 
     def _run(self, snapshot: PolicySnapshot, pipe: Any, args: tuple[Any, ...], kwargs: dict[str, Any], generation: Any) -> GuardedOutput:
         started = time.perf_counter()
+        if pipe in self._owned:
+            self._take(pipe)  # a denoiser or ControlNet swapped in since wrap() is owned too
         plan, compile_seconds = self._plan(pipe, snapshot, kwargs)
         self._served.add(pipe)
         choices = self._auto_choices.get(plan, ())
@@ -423,6 +485,30 @@ class Guard:
         )
 
 
+def _unwrapped(pipe: Any) -> Any:
+    return object.__getattribute__(pipe, "_pipe") if type(pipe) is GuardedPipeline else pipe
+
+
+def _copy_instance(self: Any) -> Any:
+    new = object.__new__(type(self))
+    new.__dict__.update(self.__dict__)
+    return new
+
+
+def _deepcopy_instance(self: Any, memo: dict[int, Any]) -> Any:
+    new = object.__new__(type(self))
+    memo[id(self)] = new
+    new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+    return new
+
+
+def _refuse_pickle(self: Any, protocol: Any) -> Any:
+    raise GuardError(
+        "a guarded pipeline cannot be pickled (its guard holds threads, locks and metrics): pickle or "
+        "save the pipeline itself and wrap it again with a Guard where it is loaded"
+    )
+
+
 def _column(values: Any, row: int) -> tuple[float, ...]:
     """Column ``row`` of a ``(images, C)`` tensor as floats; () when there is none."""
     return () if values is None else tuple(float(v) for v in values[:, row])
@@ -478,6 +564,34 @@ class GuardedPipeline:
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self._pipe, name, value)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        """The pipeline's class, so ``isinstance`` and ``AutoPipeline*.from_pipe(wrapped)`` see
+        the pipeline (``type(wrapped)`` is still GuardedPipeline)."""
+        return type(self._pipe)
+
+    def from_pipe(self, pipeline: Any = None, **kwargs: Any) -> GuardedPipeline:
+        """``PipelineClass.from_pipe`` of this pipeline's class (default: from this pipeline),
+        returned wrapped by the same guard (and owned by it where this one is)."""
+        source = _unwrapped(pipeline) if pipeline is not None else self._pipe
+        base = getattr(type(self._pipe), "_gie_guard_base", type(self._pipe))
+        made = base.from_pipe(source, **kwargs)
+        guard: Guard = self._guard
+        return guard.wrap(made, exclusive=guard.owns(self._pipe))
+
+    def __copy__(self) -> GuardedPipeline:
+        """The same pipeline, wrapped by the same guard."""
+        return GuardedPipeline(self._guard, self._pipe)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GuardedPipeline:
+        """A deep copy of the pipeline, wrapped (and owned, where this one is) by the same guard."""
+        guard: Guard = self._guard
+        pipe = copy.deepcopy(self._pipe, memo)
+        return guard.wrap(pipe, exclusive=guard.owns(self._pipe))
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        _refuse_pickle(self, protocol)
 
     def __repr__(self) -> str:
         return f"GuardedPipeline({type(self._pipe).__name__}, policy={self._guard.snapshot.name!r})"

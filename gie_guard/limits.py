@@ -7,12 +7,18 @@ README.md ("Fails closed") and docs/policies.md quote these numbers.
 
 from __future__ import annotations
 
-__all__ = ["MAX_ADAPTER_BYTES", "MAX_CONCEPT_TEXTS", "MAX_CONCEPTS", "MAX_SCALE"]
+__all__ = ["MAX_ADAPTER_BYTES", "MAX_CONCEPT_TEXTS", "MAX_CONCEPTS", "MAX_SCALE", "MIN_SCALE"]
 
 # Largest suppression scale w a policy or a ConceptSpec may set. The useful range measured
 # on the shapes models is 0.25-40 (an SD-like toy needed 20-40); beyond 100 the inhibitor
 # dominates the layer output and fp16 activations overflow (1e30 gave NaN images).
 MAX_SCALE = 100.0
+
+# Smallest positive scale w (0 turns a concept off). Every dtype a pipeline runs in holds it
+# as a normal number (float16's smallest normal is 6.1e-5), so a scale that passes is never
+# flushed to zero on its way into the inhibitor; 1e-46 or 1e-300 once passed and inhibited
+# nothing while the report listed every step. The useful range starts near 0.25.
+MIN_SCALE = 1e-3
 
 # Concept texts (concepts plus their aliases, after includes, before deduplication) one
 # policy may hold. Deduplication embeds every text once; 2,000 keeps a reload in seconds.

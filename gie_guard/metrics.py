@@ -144,6 +144,7 @@ def guard_label(source: str | None, name: str | None = None) -> str:
 @dataclass
 class _Tracked:
     label: str
+    plans: Any = None  # the guard's PlanCache (plans, bytes), if given
 
 
 @dataclass
@@ -155,6 +156,8 @@ class PolicyState:
     reload: dict[tuple[str, str], tuple[bool, float | None]] = field(default_factory=dict)  # (policy, guard)
     info: set[tuple[str, str, str]] = field(default_factory=set)  # (policy, version, content_hash)
     concepts: dict[str, int] = field(default_factory=dict)  # policy -> concepts
+    pending: dict[tuple[str, str], bool] = field(default_factory=dict)  # (policy, guard) -> a change awaits a retry
+    plan_cache: dict[str, tuple[int, int]] = field(default_factory=dict)  # guard -> (plans, bytes)
 
 
 _RELOAD_SUCCESS = (f"{PREFIX}_policy_last_reload_success",
@@ -164,6 +167,10 @@ _RELOAD_TIME = (f"{PREFIX}_policy_last_reload_success_timestamp_seconds",
 _INFO = (f"{PREFIX}_policy_info",
          "1 for each active policy's name, version (the operator's revision label) and content hash.")
 _CONCEPTS = (f"{PREFIX}_policy_concepts", "Concepts of the active policy (after aliases and deduplication).")
+_PENDING = (f"{PREFIX}_policy_reload_pending",
+            "1 while a policy change failed for a reason other than its content and waits for a retry, else 0.")
+_CACHE_PLANS = (f"{PREFIX}_plan_cache_plans", "Compiled plans the guard keeps (bounded by max_plans).")
+_CACHE_BYTES = (f"{PREFIX}_plan_cache_bytes", "Bytes of the compiled plans the guard keeps (bounded by max_plan_bytes).")
 
 _BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, GuardMetrics] = weakref.WeakKeyDictionary()
 _BY_REGISTRY_LOCK = threading.Lock()
@@ -289,6 +296,9 @@ class GuardMetrics:
                     add(Gauge(*_RELOAD_TIME, ["policy", "guard"], registry=r, multiprocess_mode="livemax")),
                     add(Gauge(*_INFO, ["policy", "version", "content_hash"], registry=r, multiprocess_mode="livemax")),
                     add(Gauge(*_CONCEPTS, ["policy"], registry=r, multiprocess_mode="livemax")),
+                    add(Gauge(*_PENDING, ["policy", "guard"], registry=r, multiprocess_mode="livemax")),
+                    add(Gauge(*_CACHE_PLANS, ["guard"], registry=r, multiprocess_mode="livesum")),
+                    add(Gauge(*_CACHE_BYTES, ["guard"], registry=r, multiprocess_mode="livesum")),
                 )
             else:
                 r.register(add(_PolicyStateCollector(self)))
@@ -304,17 +314,20 @@ class GuardMetrics:
         return f"GuardMetrics(rule={self.rule}, guards={guards}, multiprocess={self.multiprocess})"
 
     # -- policy -----------------------------------------------------------------------------
-    def track(self, store: PolicyStore, *, guard: str | None = None) -> str:
+    def track(self, store: PolicyStore, *, guard: str | None = None, plans: Any = None) -> str:
         """Report ``store``'s policy state (reload gauges, ``policy_info``, concepts) from now on,
         and count its reloads. ``guard`` names it in the reload gauges' ``guard`` label
-        (default: derived from the policy source, :func:`guard_label`). Returns the label.
+        (default: derived from the policy source, :func:`guard_label`). ``plans``: the guard's
+        plan cache (its size goes to the plan-cache gauges). Returns the label.
         Tracking the same store again changes nothing. The store is held weakly."""
         label = guard_label(store.current.source, guard)
         with self._lock:
             found = self._tracked.get(store)
             if found is not None:
                 return found.label
-            self._tracked[store] = _Tracked(label)
+            self._tracked[store] = _Tracked(label, plans)
+        if plans is not None and self.multiprocess:
+            plans.on_change = self._push
         self._touch(store.current)
         store_ref = weakref.ref(store)  # a strong one would keep the store (and its guard) alive
 
@@ -347,11 +360,15 @@ class GuardMetrics:
         label set are merged: the reload gauge takes the worst (0 if any failed), the time and
         the concept count the largest."""
         with self._lock:
-            tracked = [(store, entry.label) for store, entry in self._tracked.items()]
+            tracked = [(store, entry.label, entry.plans) for store, entry in self._tracked.items()]
         state = PolicyState()
-        for store, label in tracked:
+        for store, label, plans in tracked:
             snapshot, reloads = store.current, store.state
             key = (snapshot.name, label)
+            state.pending[key] = state.pending.get(key, False) or reloads.pending
+            if plans is not None:
+                held, size = state.plan_cache.get(label, (0, 0))
+                state.plan_cache[label] = (held + plans.plans, size + plans.bytes)
             ok, at = reloads.last_result != "failure", reloads.last_success_at
             if key in state.reload:
                 was_ok, was_at = state.reload[key]
@@ -365,9 +382,14 @@ class GuardMetrics:
         """Multi-process mode: write the policy state to this worker's files. A retired
         ``policy_info`` series is set to 0 (prometheus_client cannot delete a key from a
         worker's file; it goes when the worker does)."""
-        success, when, info, concepts = self._gauges
+        success, when, info, concepts, pending, cache_plans, cache_bytes = self._gauges
         state = self.policy_state()
         with self._lock:
+            for (policy, label), waiting in state.pending.items():
+                pending.labels(policy, label).set(1.0 if waiting else 0.0)
+            for label, (held, size) in state.plan_cache.items():
+                cache_plans.labels(label).set(held)
+                cache_bytes.labels(label).set(size)
             for (policy, label), (ok, at) in state.reload.items():
                 success.labels(policy, label).set(1.0 if ok else 0.0)
                 if at is not None:
@@ -491,11 +513,19 @@ class _PolicyStateCollector:
         return [GaugeMetricFamily(*_RELOAD_SUCCESS, labels=["policy", "guard"]),
                 GaugeMetricFamily(*_RELOAD_TIME, labels=["policy", "guard"]),
                 GaugeMetricFamily(*_INFO, labels=["policy", "version", "content_hash"]),
-                GaugeMetricFamily(*_CONCEPTS, labels=["policy"])]
+                GaugeMetricFamily(*_CONCEPTS, labels=["policy"]),
+                GaugeMetricFamily(*_PENDING, labels=["policy", "guard"]),
+                GaugeMetricFamily(*_CACHE_PLANS, labels=["guard"]),
+                GaugeMetricFamily(*_CACHE_BYTES, labels=["guard"])]
 
     def collect(self) -> list[GaugeMetricFamily]:
-        success, when, info, concepts = self.describe()
+        success, when, info, concepts, pending, cache_plans, cache_bytes = self.describe()
         state = self._metrics.policy_state()
+        for (policy, label), waiting in sorted(state.pending.items()):
+            pending.add_metric([policy, label], 1.0 if waiting else 0.0)
+        for label, (held, size) in sorted(state.plan_cache.items()):
+            cache_plans.add_metric([label], float(held))
+            cache_bytes.add_metric([label], float(size))
         for (policy, label), (ok, at) in sorted(state.reload.items()):
             success.add_metric([policy, label], 1.0 if ok else 0.0)
             if at is not None:
@@ -504,7 +534,7 @@ class _PolicyStateCollector:
             info.add_metric(list(shown), 1.0)
         for policy, n in sorted(state.concepts.items()):
             concepts.add_metric([policy], float(n))
-        return [success, when, info, concepts]
+        return [success, when, info, concepts, pending, cache_plans, cache_bytes]
 
 
 def _verified_concept_ids(snapshot: PolicySnapshot) -> list[str]:

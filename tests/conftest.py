@@ -21,6 +21,16 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _release_owned_models():
+    """Each test starts with no model owned by a guard: session pipelines wrapped by one test
+    must not refuse the next test's raw calls."""
+    yield
+    from gie_guard.engine import ownership
+
+    ownership._release_everything()
+
+
 @pytest.fixture(scope="session")
 def sd_pipe():
     from gie_guard.testing import tiny_sd_pipeline

@@ -134,10 +134,10 @@ def test_python_tags_are_never_executed(tmp_path):
 
 
 def test_include_cycle_names_the_chain(tmp_path):
-    _write(tmp_path, "name: a\ninclude: [b.yaml]\n", "a.yaml")
-    _write(tmp_path, "name: b\ninclude: [sub/c.yaml]\n", "b.yaml")
+    _write(tmp_path, "name: a\ninclude: [b.yaml]\nconcepts: []\n", "a.yaml")
+    _write(tmp_path, "name: b\ninclude: [sub/c.yaml]\nconcepts: []\n", "b.yaml")
     (tmp_path / "sub").mkdir()
-    _write(tmp_path / "sub", "name: c\ninclude: [../a.yaml]\n", "c.yaml")
+    _write(tmp_path / "sub", "name: c\ninclude: [../a.yaml]\nconcepts: []\n", "c.yaml")
     with pytest.raises(PolicyError) as caught:
         load_policy(tmp_path / "a.yaml")
     error = caught.value
@@ -156,14 +156,14 @@ def test_include_cycle_names_the_chain(tmp_path):
     ids=["self-include-is-a-cycle", "unknown-shipped-include", "absolute-include"],
 )
 def test_include_is_refused(tmp_path, include, error, match):
-    path = _write(tmp_path, "name: a\ninclude: " + include.format(tmp_path=tmp_path) + "\n")
+    path = _write(tmp_path, "name: a\nconcepts: []\ninclude: " + include.format(tmp_path=tmp_path) + "\n")
     with pytest.raises(error, match=match):
         load_policy(path)
 
 
 def _error_through_include(tmp_path, included: str, error: type[PolicyError] = PolicyError) -> PolicyError:
     """The error of loading a.yaml, which includes b.yaml (``included``)."""
-    _write(tmp_path, "name: a\ninclude: [b.yaml]\n", "a.yaml")
+    _write(tmp_path, "name: a\ninclude: [b.yaml]\nconcepts: []\n", "a.yaml")
     _write(tmp_path, included, "b.yaml")
     with pytest.raises(error) as caught:
         load_policy(tmp_path / "a.yaml")
@@ -184,7 +184,7 @@ def test_include_errors_point_into_the_included_file(tmp_path):
 def test_sibling_includes_defining_the_same_id_conflict(tmp_path):
     _write(tmp_path, "name: b\nconcepts: [{id: x, text: one}]\n", "b.yaml")
     _write(tmp_path, "name: c\nconcepts: [{id: x, text: two}]\n", "c.yaml")
-    path = _write(tmp_path, "name: a\ninclude: [b.yaml, c.yaml]\n")
+    path = _write(tmp_path, "name: a\ninclude: [b.yaml, c.yaml]\nconcepts: []\n")
     with pytest.raises(PolicyError, match="comes from both 'b.yaml' and 'c.yaml'") as caught:
         load_policy(path)
     assert caught.value.place == "include[1]"

@@ -51,7 +51,7 @@ def test_fifo_as_the_policy_file_is_refused_without_blocking(tmp_path):
 
 
 def test_fifo_as_an_included_file_never_hangs_a_reload(tmp_path):
-    top = write(tmp_path / "top.yaml", "name: top\ndedup_threshold: 0\ninclude: [base.yaml]\n")
+    top = write(tmp_path / "top.yaml", "name: top\ndedup_threshold: 0\ninclude: [base.yaml]\nconcepts: []\n")
     base = write(tmp_path / "base.yaml", "name: base\nconcepts: [{id: car, text: car, scale: 1}]\n")
     store = PolicyStore(top)
     first = store.current
@@ -67,7 +67,7 @@ def test_fifo_as_an_included_file_never_hangs_a_reload(tmp_path):
 
 
 def test_fifo_include_under_the_watcher_and_close(tmp_path):
-    top = write(tmp_path / "top.yaml", "name: top\ndedup_threshold: 0\ninclude: [base.yaml]\n")
+    top = write(tmp_path / "top.yaml", "name: top\ndedup_threshold: 0\ninclude: [base.yaml]\nconcepts: []\n")
     base = write(tmp_path / "base.yaml", "name: base\nconcepts: [{id: car, text: car, scale: 1}]\n")
     store = PolicyStore(top, watch=True, poll_interval=0.1)
     base.unlink()
@@ -112,7 +112,7 @@ def _no_leak(*texts: str) -> None:
 
 def test_include_outside_the_policy_folder_is_refused(layout):
     folder, secret = layout
-    top = write(folder / "top.yaml", "name: top\ninclude:\n  - ../secret/creds.yaml\n")
+    top = write(folder / "top.yaml", "name: top\ninclude:\n  - ../secret/creds.yaml\nconcepts: []\n")
     with pytest.raises(PolicyError) as caught:
         read_policy(top)
     error = caught.value
@@ -124,7 +124,7 @@ def test_include_outside_the_policy_folder_is_refused(layout):
 def test_symlink_include_pointing_outside_is_refused(layout):
     folder, secret = layout
     (folder / "creds.yaml").symlink_to(secret)
-    top = write(folder / "top.yaml", "name: top\ninclude: [creds.yaml]\n")
+    top = write(folder / "top.yaml", "name: top\ninclude: [creds.yaml]\nconcepts: []\n")
     with pytest.raises(PolicyError, match="outside the folders") as caught:
         load_policy(top)
     _no_leak(str(caught.value))
@@ -133,7 +133,7 @@ def test_symlink_include_pointing_outside_is_refused(layout):
 def test_roots_allow_a_named_folder(layout, tmp_path):
     folder, _ = layout
     shared = write(tmp_path / "shared" / "common.yaml", "name: common\nconcepts: [{id: boat, text: boat, scale: 1}]\n")
-    top = write(folder / "top.yaml", "name: top\ndedup_threshold: 0\ninclude: [../shared/common.yaml, shapes-demo]\n")
+    top = write(folder / "top.yaml", "name: top\ndedup_threshold: 0\ninclude: [../shared/common.yaml, shapes-demo]\nconcepts: []\n")
     with pytest.raises(PolicyError, match="outside"):
         read_policy(top)
     flat = read_policy(top, roots=[tmp_path / "shared"])
@@ -148,7 +148,7 @@ def test_roots_allow_a_named_folder(layout, tmp_path):
 def test_symlinks_inside_the_folder_are_fine(tmp_path):
     write(tmp_path / "real" / "base.yaml", "name: base\nconcepts: [{id: car, text: car, scale: 1}]\n")
     (tmp_path / "link.yaml").symlink_to(tmp_path / "real" / "base.yaml")
-    top = write(tmp_path / "top.yaml", "name: top\ndedup_threshold: 0\ninclude: [link.yaml]\n")
+    top = write(tmp_path / "top.yaml", "name: top\ndedup_threshold: 0\ninclude: [link.yaml]\nconcepts: []\n")
     assert [c.id for c in read_policy(top).policy.concepts] == ["car"]
 
 
@@ -156,7 +156,7 @@ def test_dict_sources_are_confined_to_the_working_directory(tmp_path, monkeypatc
     folder, _ = layout
     monkeypatch.chdir(folder)
     with pytest.raises(PolicyError, match="outside"):
-        read_policy({"name": "x", "include": ["../secret/creds.yaml"]})
+        read_policy({"name": "x", "include": ["../secret/creds.yaml"], "concepts": []})
 
 
 # -- errors never quote a refused file ------------------------------------------------------

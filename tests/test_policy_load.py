@@ -140,9 +140,9 @@ def test_includes_come_first_and_can_be_overridden(tmp_path, embedder):
 
 def test_diamond_include_is_read_once(tmp_path, embedder):
     _write(tmp_path, "base.yaml", "name: base\nconcepts: [{id: car, text: car, scale: 1}]\n")
-    _write(tmp_path, "left.yaml", "name: left\ninclude: [base.yaml]\n")
+    _write(tmp_path, "left.yaml", "name: left\ninclude: [base.yaml]\nconcepts: []\n")
     _write(tmp_path, "right.yaml", "name: right\ninclude: [base.yaml]\nconcepts: [{id: boat, text: boat, scale: 1}]\n")
-    top = _write(tmp_path, "top.yaml", "name: top\ninclude: [left.yaml, right.yaml]\n")
+    top = _write(tmp_path, "top.yaml", "name: top\ninclude: [left.yaml, right.yaml]\nconcepts: []\n")
     snapshot = load_policy(top, embedder=embedder)
     assert [c.id for c in snapshot.concepts] == ["car", "boat"]
 

@@ -301,7 +301,7 @@ def test_included_file_deleted_and_back(tmp_path, mode):
     base = tmp_path / "base" / "common.yaml"
     write(base, "name: common\nconcepts: [{id: car, text: car, scale: 1}]\n")
     top = tmp_path / "top.yaml"
-    write(top, "name: top\ndedup_threshold: 0\ninclude: [base/common.yaml]\n")
+    write(top, "name: top\ndedup_threshold: 0\ninclude: [base/common.yaml]\nconcepts: []\n")
     with open_store(top, mode) as store:
         recorder = Recorder(store)
         shutil.rmtree(tmp_path / "base")

@@ -128,7 +128,7 @@ def test_watcher_sees_included_file_changes(tmp_path, embedder):
     base = tmp_path / "base" / "common.yaml"
     base.write_text("name: common\nconcepts: [{id: car, text: car, scale: 1}]\n", encoding="utf-8")
     top = tmp_path / "top.yaml"
-    top.write_text("name: top\ninclude: [base/common.yaml]\n", encoding="utf-8")
+    top.write_text("name: top\ninclude: [base/common.yaml]\nconcepts: []\n", encoding="utf-8")
     with PolicyStore(top, watch=True, embedder=embedder, poll_interval=0.1) as store:
         time.sleep(0.2)
         _replace(base, "name: common\nconcepts: [{id: car, text: car, scale: 3}]\n")

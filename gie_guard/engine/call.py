@@ -35,6 +35,7 @@ from typing import Any, NoReturn, Protocol
 import torch
 
 from ..errors import GuardedCallError, UnsupportedPipelineError
+from . import ownership
 from .cross import CrossSite, accepted
 from .families import family_for
 from .families.base import Site
@@ -181,6 +182,7 @@ class EngineCall:
         self._patched: list[tuple[Any, str]] = []
         self._failure: GuardedCallError | None = None
         self._site_text: torch.Tensor | None = None
+        self._nonzero: list[torch.Tensor] = []  # per site application in the denoiser call: any value != 0
         self._anchor_text: torch.Tensor | None = None
 
     # -- read by sites -------------------------------------------------------------------------
@@ -229,6 +231,12 @@ class EngineCall:
     def observe(self, site: Site, maps: Any) -> None:
         for observer in self.observers:
             observer.on_maps(self.step, site, maps)
+
+    def subtracted(self, delta: torch.Tensor) -> None:
+        """A site subtracted ``delta`` (in the output's dtype): a step counts as inhibited only
+        where some subtracted value was non-zero (a scale float16 flushes to zero is no inhibition).
+        Kept on the device; read once per denoiser call."""
+        self._nonzero.append(delta.ne(0).any())
 
     def add_seconds(self, seconds: float) -> None:
         self.record.inhibitor_seconds += seconds
@@ -449,8 +457,7 @@ class EngineCall:
         if self.active:
             record.guarded_calls += 1
             self._step_guarded = True
-            if not record.steps_inhibited or record.steps_inhibited[-1] != self.step:
-                record.steps_inhibited.append(self.step)
+        self._nonzero = []
         for hooks in self._cross:
             hooks.applied = 0
         for _, _, processor in self._joint:
@@ -481,6 +488,10 @@ class EngineCall:
             sample = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
             if isinstance(sample, torch.Tensor) and not bool(torch.isfinite(sample).all()):
                 self.fail(f"the guarded step {self.step} produced non-finite values (scale too large for this model?)")
+            steps = self.record.steps_inhibited
+            if self._nonzero and bool(torch.stack(self._nonzero).any()) and (not steps or steps[-1] != self.step):
+                steps.append(self.step)
+            self._nonzero = []
         self.active = self.measuring = self.observing = self._riding = False
 
     def _applied(self, site: Site) -> int:
@@ -585,7 +596,7 @@ class EngineCall:
                           "interrupted")
         elif record.steps_run > record.total_steps:
             self.fail(f"ran {record.steps_run} denoising steps for {record.total_steps} announced")
-        if self._inhibits() and not record.steps_inhibited and not record.interrupted:
+        if self._inhibits() and not record.guarded_calls and not record.interrupted:
             self.fail("no denoising step was inhibited")
 
 
@@ -643,7 +654,7 @@ def guarded_call(
     denoiser = family.denoiser(pipe)
     with _LOCKS_GUARD:
         observers = (*observers, *_OBSERVERS.get(denoiser, ()))
-    with _locked([denoiser, getattr(pipe, "scheduler", None)]):
+    with _locked([denoiser, getattr(pipe, "scheduler", None)]), ownership.inside(family.owned_models(pipe)):
         if plan.is_empty and not observers:
             yield CallRecord(family=family.name, pipeline_class=type(pipe).__name__)
             return

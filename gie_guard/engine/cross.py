@@ -149,7 +149,9 @@ class CrossSite:
             delta = attention.inhibitor(q, with_w, scale=scale, sink_lse=sink,
                                         slice_size=getattr(self.attn.processor, "slice_size", None))
             b, h, n, d = delta.shape
-            out[rows] -= delta.transpose(1, 2).reshape(b, n, h * d).to(out.dtype)
+            delta = delta.transpose(1, 2).reshape(b, n, h * d).to(out.dtype)
+            out[rows] -= delta
+            call.subtracted(delta)
             self.applied += 1
         self.key = self.mask = None  # to_k ran on the concepts' text meanwhile
         call.add_seconds(time.perf_counter() - started)

@@ -193,7 +193,9 @@ class JointInhibitorProcessor:
             with_w = [(kc, spare(c, vc), scales[..., c, slots[c]], competing(c)) for c, (kc, vc) in enumerate(per_concept)]
             delta = attention.inhibitor(q_img, with_w, scale=scale, sink_lse=sink)
             o_img_p = o_img_p.clone()
-            o_img_p[rows] -= delta.to(o_img_p.dtype)
+            delta = delta.to(o_img_p.dtype)
+            o_img_p[rows] -= delta
+            call.subtracted(delta)
             self.applied += 1
 
         # back to the block's layout: (B, S, h * d)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import ConceptError, ConfigurationError
-from ..limits import MAX_CONCEPTS, MAX_SCALE
+from ..limits import MAX_CONCEPTS, MAX_SCALE, MIN_SCALE
 from ..window import StepWindow
 from .families import family_for
 from .families.base import Family
@@ -55,8 +55,10 @@ class ConceptSpec:
 
     def __post_init__(self) -> None:
         s = self.scale
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s <= MAX_SCALE:
-            raise ConceptError(f"scale must be a number in [0, {MAX_SCALE:g}], got {s!r}", concept_id=self.id)
+        if (isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s <= MAX_SCALE
+                or 0 < s < MIN_SCALE):
+            raise ConceptError(f"scale must be 0 or a number in [{MIN_SCALE:g}, {MAX_SCALE:g}], got {s!r}",
+                               concept_id=self.id)
         same = [a for a in self.anchors if " ".join(a.lower().split()) == " ".join(self.text.lower().split())]
         if same:
             raise ConceptError(f"preservation anchor {same[0]!r} is the concept itself: it would cancel the "

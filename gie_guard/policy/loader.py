@@ -296,11 +296,20 @@ def _validate(data: Any, doc: PolicyDocument | None) -> Policy:
             f"({', '.join(Policy.model_fields)})", file=file, line=1 if doc else None,
         )
     try:
-        return Policy.model_validate(data)
+        policy = Policy.model_validate(data)
     except ValidationError as exc:
         raise PolicyValidationError(_problems(exc, data, doc)) from None
     except (RecursionError, OverflowError, ArithmeticError) as exc:
         raise PolicyError(f"cannot validate the policy ({type(exc).__name__})", file=file) from None
+    if "concepts" not in data:
+        # A policy is complete or it is not a policy: a file cut short before its concepts (a full
+        # disk, a writer that died) must not go live as a policy that erases nothing.
+        last = max((line for line, _ in doc.values.values()), default=None) if doc is not None else None
+        raise PolicyError(
+            "no 'concepts' key: a policy lists its concepts (write 'concepts: []' for a policy that erases "
+            "nothing); a file cut short is not loaded", file=file, line=last, place="concepts",
+        )
+    return policy
 
 
 class PolicyValidationError(PolicyError):
@@ -369,7 +378,7 @@ _TYPE_ERRORS = {
 }
 
 # Our own cross-field errors (schema.py) say everything without quoting values.
-_OWN = {"duplicate_id", "scale_range", "step_window", "scale_type", "anchor_is_concept", "presence_threshold"}
+_OWN = {"duplicate_id", "scale_range", "scale_too_small", "step_window", "scale_type", "anchor_is_concept", "presence_threshold"}
 
 # pydantic messages that state only the rule (no input value); anything else is replaced by
 # a generic sentence, so no message can echo the file's content.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -23,7 +24,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from ..limits import MAX_SCALE
+from ..limits import MAX_SCALE, MIN_SCALE
 
 __all__ = [
     "DEFAULT_DEDUP_THRESHOLD",
@@ -52,7 +53,18 @@ Identifier = Annotated[str, Strict(), StringConstraints(pattern=_ID_PATTERN)]
 Text = Annotated[str, Strict(), StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
 # Scales (fixed, and auto min/max/fallback) are bounded: beyond MAX_SCALE the inhibitor
 # swamps the layer output and half-precision activations overflow (gie_guard/limits.py).
-Number = Annotated[float, Strict(), Field(ge=0.0, le=MAX_SCALE, allow_inf_nan=False)]
+def _zero_or_representable(value: float) -> float:
+    if 0.0 < value < MIN_SCALE:
+        raise PydanticCustomError(
+            "scale_too_small", "a positive scale must be at least {minimum} (0 turns the concept off)",
+            {"minimum": MIN_SCALE},
+        )
+    return value
+
+
+Number = Annotated[
+    float, Strict(), Field(ge=0.0, le=MAX_SCALE, allow_inf_nan=False), AfterValidator(_zero_or_representable)
+]
 Fraction = Annotated[float, Strict(), Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 
@@ -207,6 +219,8 @@ class Policy(_Frozen):
     # a ControlNet's own cross-attention: inhibit the concepts there too, or leave it alone
     controlnet: Literal["inhibit", "skip"] = "inhibit"
     concepts: tuple[Concept, ...] = ()
+    # a live policy with concepts may be replaced by one with none only when the new one says so
+    allow_empty: Annotated[bool, Strict()] = False
 
     @field_validator("version", mode="before")
     @classmethod

@@ -48,6 +48,10 @@ DEFAULT_SETTLE_S = 0.5
 _RETRY_WATCH_S = 5.0
 # Files remembered for watching (the policy and every file it ever included).
 _MAX_WATCHED = 1024
+# A reload that failed for a reason other than the policy's own content (an embedder or a
+# pipeline's tokenizer busy or broken for a moment) is retried after these delays, the last
+# one repeated, until it succeeds or fails on the content.
+RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 
 Validator = Callable[[PolicySnapshot], Any]
 
@@ -115,6 +119,10 @@ class _Rejected(Exception):
         self.cause = cause
 
 
+class _Transient(PolicyError):
+    """A reload that failed for a reason other than the policy's content: retried."""
+
+
 @dataclass(frozen=True)
 class ReloadState:
     """Counters of a store. ``ok_count`` counts valid loads (the first one, swaps and
@@ -127,6 +135,10 @@ class ReloadState:
     last_success_at: float | None = None
     last_attempt_at: float | None = None
     last_result: Literal["success", "failure", "unchanged"] | None = None
+    # a change that failed for a reason other than its content and waits for a retry
+    pending: bool = False
+    pending_since: float | None = None
+    retries: int = 0
 
 
 @dataclass(frozen=True)
@@ -192,6 +204,7 @@ class PolicyStore:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._watched: dict[str, None] = {}  # ordered set of absolute paths
+        self._retry: threading.Timer | None = None
         seen: list[str] = []
         digests: dict[str, str] = {}
         flat = read_policy(source, files=seen, roots=self._roots, digests=digests)
@@ -268,8 +281,8 @@ class PolicyStore:
                 error = exc
             except Exception as exc:  # a reload must never take the service down
                 log.exception("unexpected error while reading policy %r", self._current.name)
-                error = PolicyError(f"unexpected {type(exc).__name__} while reading the policy (details in the log)",
-                                    file=self._label())
+                error = _Transient(f"unexpected {type(exc).__name__} while reading the policy (details in the log)",
+                                   file=self._label())
             self._remember(seen)
             fingerprint = self._fingerprints(digests)
             if expected is not None and fingerprint != expected:
@@ -281,23 +294,26 @@ class PolicyStore:
                         result = "unchanged"
                     else:
                         candidate = _compile(flat, self._embedder, digest, cache_dir=self._cache_dir)
+                        self._refuse_emptying(candidate)
                         self._check(candidate)
                         self._current = candidate
                         result = "success"
                 except _Rejected as exc:
                     cause = exc.cause
-                    error = cause if isinstance(cause, PolicyError) else PolicyError(
-                        f"refused by the validator ({type(cause).__name__}: {cause})", file=flat.source)
+                    # the validator's PolicyError is about the content; anything else broke meanwhile
+                    error = cause if isinstance(cause, PolicyError) else _Transient(
+                        f"refused by the validator ({type(cause).__name__}: {cause}); retrying", file=flat.source)
                     if error is not cause:
                         error.__cause__ = cause
                 except PolicyError as exc:
                     error = exc
                 except Exception as exc:
                     log.exception("unexpected error while compiling policy %r", self._current.name)
-                    error = PolicyError(f"unexpected {type(exc).__name__} while compiling the policy (details in the log)",
-                                        file=flat.source)
+                    error = _Transient(f"unexpected {type(exc).__name__} while compiling the policy (details in the "
+                                       "log); retrying", file=flat.source)
             self._fingerprint = fingerprint
             self._state = self._counted(result, error, started)
+            self._schedule_retry(isinstance(error, _Transient))
             snapshot = self._current
         if error is not None:
             log.warning("policy reload failed, keeping %r (%s): %s", snapshot.name, snapshot.content_hash[:12], error)
@@ -311,6 +327,43 @@ class PolicyStore:
             except Exception:
                 log.exception("policy reload listener %r failed", listener)
         return error is None
+
+    def _refuse_emptying(self, candidate: PolicySnapshot) -> None:
+        """A policy with concepts is replaced by one with none only when the new one says so."""
+        if not candidate.concepts and self._current.concepts and not candidate.policy.allow_empty:
+            raise PolicyError(
+                f"this policy has no concepts to apply, and would replace a live policy with "
+                f"{len(self._current.concepts)}; write 'allow_empty: true' if erasing nothing is intended",
+                file=candidate.source, place="concepts",
+            )
+
+    def _schedule_retry(self, transient: bool) -> None:
+        """After a transient failure, reload again later (backoff); otherwise stop retrying.
+        Called with the lock held."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        s = self._state
+        if not transient:
+            if s.pending:
+                self._state = replace(s, pending=False, pending_since=None, retries=0)
+            return
+        retries = s.retries + 1 if s.pending else 0
+        self._state = replace(s, pending=True, pending_since=s.pending_since if s.pending else time.time(),
+                              retries=retries)
+        if self._stop.is_set():
+            return
+        delay = RETRY_DELAYS_S[min(retries, len(RETRY_DELAYS_S) - 1)]
+        timer = threading.Timer(delay, self._retry_now)
+        timer.daemon = True
+        timer.name = "gie-guard-policy-retry"
+        self._retry = timer
+        timer.start()
+
+    def _retry_now(self) -> None:
+        if not self._stop.is_set() and self._state.pending:
+            log.info("retrying the reload of policy %r after a failure that was not its content", self._current.name)
+            self._reload(None)
 
     def _check(self, candidate: PolicySnapshot) -> None:
         if self._validate is None:
@@ -334,6 +387,10 @@ class PolicyStore:
     def close(self, timeout: float = 5.0) -> None:
         """Stop watching. Returns once the watcher thread has ended (or after ``timeout``)."""
         self._stop.set()
+        with self._lock:
+            if self._retry is not None:
+                self._retry.cancel()
+                self._retry = None
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 

@@ -88,6 +88,7 @@ class Family:
     name: ClassVar[str]  # short, stable: goes into reports and metrics ("sd", "sdxl", "sd3", ...)
     pipelines: ClassVar[tuple[str, ...]]  # diffusers pipeline class names guarded (and their subclasses)
     refused: ClassVar[dict[str, str]] = {}  # diffusers pipeline class name -> why it cannot be guarded
+    fused_projections: ClassVar[bool] = True  # whether sites with fused QKV projections can be guarded
     denoiser_attr: ClassVar[str] = "transformer"
     joint: ClassVar[bool] = False  # joint attention: concepts ride along in the text sequence
     text_first: ClassVar[bool] = False  # joint sequence order [text; image] (Flux) or [image; text] (SD3)
@@ -116,8 +117,17 @@ class Family:
 
     def check(self, pipe: Any) -> None:
         """Raise UnsupportedPipelineError when this pipeline cannot be guarded as built."""
-        if not self.sites(pipe):
+        sites = self.sites(pipe)
+        if not sites:
             raise UnsupportedPipelineError(f"cannot guard {type(pipe).__name__}: it has no attention layer over text")
+        if not self.fused_projections:
+            for site in sites:
+                if getattr(site.module, "fused_projections", False):
+                    raise UnsupportedPipelineError(
+                        f"cannot guard {type(pipe).__name__}: {site.name} runs fused QKV projections, which gie_guard "
+                        f"does not reproduce for {self.name} pipelines; call {self.denoiser_attr}.unfuse_qkv_projections() "
+                        "first"
+                    )
 
     # -- structure ---------------------------------------------------------------------------
     def denoiser(self, pipe: Any) -> torch.nn.Module:
@@ -126,11 +136,7 @@ class Family:
             raise UnsupportedPipelineError(
                 f"cannot guard {type(pipe).__name__}: its {self.denoiser_attr!r} is {type(model).__name__}, not a module"
             )
-        if hasattr(model, "_orig_mod"):  # torch.compile's wrapper: hooks on inner modules may never run
-            raise UnsupportedPipelineError(
-                f"cannot guard {type(pipe).__name__}: its {self.denoiser_attr} is compiled with torch.compile; "
-                "guard the uncompiled model (compiled graphs can skip the guard's hooks)"
-            )
+        refuse_compiled(model, f"{type(pipe).__name__}'s {self.denoiser_attr}")
         return model
 
     def sites(self, pipe: Any) -> tuple[Site, ...]:
@@ -140,6 +146,15 @@ class Family:
         """Other models a step runs on the prompt's text before the denoiser (ControlNets), by
         name: the engine can inhibit their cross-attention too."""
         return []
+
+    def owned_models(self, pipe: Any) -> list[torch.nn.Module]:
+        """The models a guard that owns this pipeline refuses to run outside guarded calls:
+        the denoiser and every auxiliary model that reads the prompt (ControlNets)."""
+        models = [self.denoiser(pipe)]
+        for name, model in self.aux_models(pipe):
+            refuse_compiled(model, f"{type(pipe).__name__}'s {name}")
+            models.append(model)
+        return models
 
     def expected_sites(self, sites: Sequence[Site], kwargs: dict[str, Any]) -> Sequence[Site]:
         """The sites a denoiser call with these keyword arguments runs (all by default)."""
@@ -218,3 +233,14 @@ class JointFamily(Family):
         text = kwargs["encoder_hidden_states"]
         extra = tokens.to(device=text.device, dtype=text.dtype)[None].expand(text.shape[0], -1, -1)
         return args, {**kwargs, "encoder_hidden_states": torch.cat([text, extra], dim=1)}
+
+
+def refuse_compiled(model: torch.nn.Module, what: str) -> None:
+    """UnsupportedPipelineError for a model compiled with torch.compile, as a wrapper
+    (``torch.compile(model)``) or in place (``model.compile()``): compiled graphs can skip
+    the guard's hooks and processors."""
+    if hasattr(model, "_orig_mod") or getattr(model, "_compiled_call_impl", None) is not None:
+        raise UnsupportedPipelineError(
+            f"cannot guard {what}: it is compiled with torch.compile (compiled graphs can skip the guard's "
+            "hooks); guard the uncompiled model"
+        )

@@ -41,16 +41,8 @@ class Flux(JointFamily):
     }
     text_first = True
     default_sink = "image"
+    fused_projections = False  # joint attention is re-implemented around unfused to_q/to_k/to_v
     shared_kwargs = frozenset({"txt_ids", "img_ids"})  # positions, not per batch row
-
-    def check(self, pipe: Any) -> None:
-        super().check(pipe)
-        for site in self.sites(pipe):
-            if getattr(site.module, "fused_projections", False):
-                raise UnsupportedPipelineError(
-                    f"cannot guard {type(pipe).__name__}: {site.name} runs fused QKV projections, which gie_guard does "
-                    "not reproduce in joint attention; call transformer.unfuse_qkv_projections() first"
-                )
 
     def sites(self, pipe: Any) -> tuple[Site, ...]:
         model = self.denoiser(pipe)

@@ -40,6 +40,7 @@ class PixArt(Family):
     name = "pixart"
     pipelines: ClassVar[tuple[str, ...]] = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
     default_sink = "prompt"
+    fused_projections = False  # the prompt sink reads the prompt's keys from to_k, which fusing bypasses
 
     def sites(self, pipe: Any) -> tuple[Site, ...]:
         model = self.denoiser(pipe)
