@@ -41,7 +41,7 @@ def test_check_reports_file_line_message(tmp_path, capsys, content, line, place,
 
 
 def test_check_reports_every_problem_of_every_file(tmp_path, capsys):
-    good = _write(tmp_path, "good.yaml", "name: ok\n")
+    good = _write(tmp_path, "good.yaml", "name: ok\nconcepts: []\n")
     bad = _write(tmp_path, "bad.yaml", "name: x\nfoo: 1\nconcepts:\n  - {id: a, text: '', scale: -2}\n")
     assert main(["policy", "check", str(good), str(bad), str(tmp_path / "missing.yaml")]) == 1
     out, err = capsys.readouterr()

@@ -107,7 +107,7 @@ def test_policy_check_and_explain_reach_includes_in_named_roots(tmp_path, capsys
     shared.mkdir()
     mine.mkdir()
     (shared / "base.yaml").write_text("name: base\nconcepts:\n  - {id: gun, text: gun, scale: 2.0}\n")
-    (mine / "top.yaml").write_text("name: top\ndedup_threshold: 0\ninclude: [../shared/base.yaml]\n")
+    (mine / "top.yaml").write_text("name: top\ndedup_threshold: 0\ninclude: [../shared/base.yaml]\nconcepts: []\n")
     assert main(["policy", "check", str(mine / "top.yaml")]) == 1
     assert "outside the folders policies may include from" in capsys.readouterr().err
     assert main(["policy", "check", str(mine / "top.yaml"), "--root", str(shared)]) == 0

@@ -220,3 +220,39 @@ def test_compiled_in_place_and_fused_pixart_are_refused_before_the_first_step(pi
         guard(pixart, prompt="a beach", num_inference_steps=2, output_type="np",
               callback_on_step_end=lambda *a: steps.append(a[1]) or {})
     assert steps == []
+
+
+def test_offloaded_pipelines_stay_owned_and_guarded(pipe, unguarded, guard):
+    """diffusers' model offload removes and re-adds accelerate's hooks on every model, after
+    the guard owns them or before: either way raw calls are refused and guarded ones guarded.
+    (enable_sequential_cpu_offload cannot run on this CPU-only torch even unguarded: accelerate
+    fails re-creating parameters; its hooks are the same kind, covered here and above.)"""
+    wrapped = guard.wrap(pipe)
+    guarded = run(wrapped)
+    pipe.enable_model_cpu_offload(device="cpu")
+    with pytest.raises(UnguardedUseError):
+        run(pipe)
+    np.testing.assert_allclose(run(wrapped), guarded, atol=1e-5)
+    guard.release(pipe)
+    np.testing.assert_allclose(run(pipe), unguarded, atol=1e-5)
+    rewrapped = guard.wrap(pipe)  # owned again with the offload hooks already in place
+    with pytest.raises(UnguardedUseError):
+        run(pipe)
+    np.testing.assert_allclose(run(rewrapped), guarded, atol=1e-5)
+
+
+def test_an_sdxl_refiner_on_the_base_components_is_owned_and_one_with_its_own_unet_is_not(sdxl_pipe):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    guard = Guard(policy=STRONG)
+    guard.wrap(sdxl_pipe)
+    image = np.random.default_rng(0).random((1, 8, 8, 3)).astype("float32")
+    args = dict(prompt="a beach", image=image, strength=0.75, num_inference_steps=2, output_type="np")
+    shared = StableDiffusionXLImg2ImgPipeline(**sdxl_pipe.components)
+    with pytest.raises(UnguardedUseError):
+        shared(**args)
+    own_unet = StableDiffusionXLImg2ImgPipeline(**{**sdxl_pipe.components, "unet": copy.deepcopy(sdxl_pipe.unet)})
+    ownership.release(own_unet.unet, next(iter(ownership.owners_of(own_unet.unet))))  # a separately loaded UNet
+    assert own_unet(**args).images.shape[0] == 1  # a denoiser of its own is a pipeline of its own: wrap it too
+    assert guard.wrap(own_unet)(**args).guard_report.steps_inhibited
+    guard.close()

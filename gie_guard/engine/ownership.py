@@ -94,9 +94,16 @@ def _check_hook(module: torch.nn.Module, _args: Any) -> None:
 def _owned_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     _refuse_outside_guarded_calls(self)
     previous = self.__dict__.get(_PREVIOUS_ATTR)
-    if previous is not None:
+    entered: set[int] = _INSIDE.__dict__.setdefault("forwarding", set())
+    if previous is None or id(self) in entered:
+        # Re-entered through a wrapper that saved this check as the forward it wraps (accelerate's
+        # hooks added while the module was owned, the module owned again later): the chain ends here.
+        return type(self).forward(self, *args, **kwargs)
+    entered.add(id(self))
+    try:
         return previous(*args, **kwargs)
-    return type(self).forward(self, *args, **kwargs)
+    finally:
+        entered.discard(id(self))
 
 
 def _is_ours(value: Any) -> bool:
