@@ -98,10 +98,21 @@ def literal_joint_attention(
     (``"prompt"``); each concept's own tokens attend over ``[image keys; their own keys]``.
     ``rotary`` (Flux): cos/sin over ``[prompt; concepts; image]`` positions."""
 
-    from ..engine.joint import project_heads  # the block's own projections, not the inhibition under test
-
     def project(x: torch.Tensor, text_side: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return project_heads(attn, x, added=text_side and not single)  # (S, h, d) each
+        """(S, D) -> q, k, v (S, h, d), written out here rather than taken from the engine, so a
+        mix-up of projections or norms there (norm_q on keys, the image norms on the text
+        stream) shows as a difference."""
+        added = text_side and not single
+        to_q, to_k, to_v = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj) if added else (attn.to_q, attn.to_k, attn.to_v)
+        norm_q = attn.norm_added_q if added else attn.norm_q
+        norm_k = attn.norm_added_k if added else attn.norm_k
+        q, k, v = to_q(x), to_k(x), to_v(x)
+        q, k, v = (t.view(t.shape[0], attn.heads, -1) for t in (q, k, v))
+        if norm_q is not None:
+            q = norm_q(q)
+        if norm_k is not None:
+            k = norm_k(k)
+        return q, k, v
 
     def rope(x: torch.Tensor, at: slice) -> torch.Tensor:
         if rotary is None:

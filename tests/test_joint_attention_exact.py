@@ -1,0 +1,177 @@
+"""Joint-attention GIE checked where a regression would hide: the prompt's own streams (its text
+queries must never see the riding concept tokens), rows that do not carry the prompt, q/k norms
+with weights that are not all 1 (so a norm mix-up shows), SD3.5's blocks, and whole guarded
+calls with concepts riding at scale 0 against the unguarded call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gie_guard.engine import ConceptSpec, StepWindow, compile_plan
+from gie_guard.testing import dit
+from gie_guard.testing.reference import engine_layer, literal_joint_attention
+
+CONCEPTS = [ConceptSpec("nude", "nude", 3.0), ConceptSpec("car", "red car", 7.0)]
+
+
+def _random_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every RMS/layer-norm weight of the attention layers drawn from U(0.5, 1.5): the tiny
+    pipelines' norms are all ones, under which norm_q and norm_k are interchangeable."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1].startswith("norm_") and getattr(module, "weight", None) is not None:
+                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def sd35():
+    pipe = dit.tiny_sd35_pipeline()
+    _random_norms(pipe.transformer)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return dit.tiny_sd3_pipeline()
+
+
+@pytest.fixture(scope="module")
+def flux():
+    pipe = dit.tiny_flux_pipeline()
+    _random_norms(pipe.transformer)
+    return pipe
+
+
+def _inputs(attn, plan, *, n=16, t=20, rows=2, seed=0, single=False):
+    g = torch.Generator().manual_seed(seed)
+    width = attn.to_q.in_features
+    text_width = width if single else attn.add_q_proj.in_features
+    image = torch.randn(rows, n, width, generator=g)
+    text = torch.randn(rows, t, text_width, generator=g)
+    states = [torch.randn(rows, len(s), text_width, generator=g) for s in plan.ride_along]
+    weights = [plan.token_scales[c, list(s)] for c, s in enumerate(plan.ride_along)]
+    return image, text, states, weights
+
+
+def _flux_rotary(pipe, t, n):
+    side = int(n**0.5)
+    img = torch.stack([torch.zeros(n), torch.arange(n) // side, torch.arange(n) % side], dim=-1).float()
+    return pipe.transformer.pos_embed(torch.cat([torch.zeros(t, 3), img]))
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _check_sd3_site(pipe, site):
+    plan = compile_plan(pipe, CONCEPTS, StepWindow(0.0, 1.0))
+    attn = pipe.transformer.get_submodule(site)
+    original = attn.processor
+    image, text, states, weights = _inputs(attn, plan)
+    with torch.no_grad():
+        plain = original(attn, hidden_states=image, encoder_hidden_states=text)  # the prompt alone
+    with torch.no_grad(), engine_layer(pipe, plan, rows=[1]) as call:
+        call.text_length = text.shape[1]
+        got_image, got_text = attn(hidden_states=image, encoder_hidden_states=torch.cat([text, *states], dim=1))
+    want_image, want_concepts = literal_joint_attention(attn, image, text, list(zip(states, weights)), [1])
+    with torch.no_grad():
+        want_image = attn.to_out[0](want_image)
+    plain_image, plain_text = plain  # the last block (context_pre_only) returns its text unprojected
+    assert _rel(want_image[1], plain_image[1]) > 1e-3  # the inhibitor is not nothing
+    assert _rel(got_image, want_image) < 1e-5, f"{site}: image rows against the literal reference"
+    assert _rel(got_image[0], plain_image[0]) < 1e-6, f"{site}: the negative row is the block's own output"
+    t = text.shape[1]
+    # the prompt's text stream, every row: its queries never see the concept tokens
+    assert _rel(got_text[:, :t], plain_text) < 1e-6, f"{site}: the prompt's text stream changed"
+    want_c = torch.cat(want_concepts, dim=1)[1:]
+    if not attn.context_pre_only:
+        want_c = attn.to_add_out(want_c)
+    assert _rel(got_text[1:, t:], want_c) < 1e-5, f"{site}: the concept tokens' stream"
+
+
+@pytest.mark.parametrize("site", ["transformer_blocks.0.attn", "transformer_blocks.1.attn", "transformer_blocks.2.attn"])
+def test_sd35_blocks_with_random_qk_norms_match_the_literal_reference(sd35, site):
+    assert sd35.transformer.get_submodule(site).norm_q is not None  # SD3.5 normalises q and k
+    _check_sd3_site(sd35, site)
+
+
+@pytest.mark.parametrize("site", ["transformer_blocks.0.attn", "transformer_blocks.2.attn"])
+def test_sd3_prompt_streams_are_the_blocks_own(sd3, site):
+    _check_sd3_site(sd3, site)
+
+
+@pytest.mark.parametrize("site", ["transformer_blocks.1.attn", "single_transformer_blocks.0.attn"])
+def test_flux_with_random_norms_matches_the_literal_reference_and_keeps_the_prompt_streams(flux, site):
+    plan = compile_plan(flux, CONCEPTS, StepWindow(0.0, 1.0), options={"max_sequence_length": 48})
+    attn = flux.transformer.get_submodule(site)
+    single = site.startswith("single")
+    original = attn.processor
+    image, text, states, weights = _inputs(attn, plan, single=single)
+    t, n = text.shape[1], image.shape[1]
+    t_all = t + sum(s.shape[1] for s in states)
+    rotary = _flux_rotary(flux, t_all, n)
+    alone = _flux_rotary(flux, t, n)  # text ids are all zero, so the prompt's positions are the same
+    with torch.no_grad():
+        if single:
+            plain = original(attn, hidden_states=torch.cat([text, image], dim=1), image_rotary_emb=alone)
+            plain_image, plain_text = plain[:, t:], plain[:, :t]
+        else:
+            plain_image, plain_text = original(attn, hidden_states=image, encoder_hidden_states=text,
+                                               image_rotary_emb=alone)
+    with torch.no_grad(), engine_layer(flux, plan, rows=[1]) as call:
+        call.text_length = t
+        if single:
+            out = attn(hidden_states=torch.cat([text, *states, image], dim=1), image_rotary_emb=rotary)
+            got_image, got_text = out[:, t_all:], out[:, :t_all]
+        else:
+            got_image, got_text = attn(hidden_states=image, encoder_hidden_states=torch.cat([text, *states], dim=1),
+                                       image_rotary_emb=rotary)
+    want_image, want_concepts = literal_joint_attention(attn, image, text, list(zip(states, weights)), [1],
+                                                        single=single, rotary=rotary)
+    with torch.no_grad():
+        want_concepts = torch.cat(want_concepts, dim=1)
+        if not single:
+            want_image, want_concepts = attn.to_out[0](want_image), attn.to_add_out(want_concepts)
+    assert _rel(want_image[1], plain_image[1]) > 1e-3
+    assert _rel(got_image, want_image) < 1e-5, f"{site}: image rows against the literal reference"
+    assert _rel(got_image[0], plain_image[0]) < 1e-6, f"{site}: the negative row is the block's own output"
+    assert _rel(got_text[:, :t], plain_text) < 1e-6, f"{site}: the prompt's text stream changed"
+    assert _rel(got_text[1:, t:], want_concepts[1:]) < 1e-5, f"{site}: the concept tokens' stream"
+
+
+class _Zero:
+    """Scales of zero at call time: the concepts still ride along (the plan has them)."""
+
+    probe = False
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def scales(self, step, measured):
+        return torch.zeros_like(self.plan.token_scales)
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd35", "flux"])
+def test_concepts_riding_at_scale_zero_leave_the_call_as_unguarded(family, sd3, sd35, flux):
+    """The whole denoiser with the concept tokens carried through every block and nothing
+    subtracted: equal to the unguarded call within float rounding (relative 1e-6). A leak of
+    the concept tokens into the prompt's attention would change the prompt's text stream, and
+    with it every later block."""
+    from gie_guard.engine import guarded_call
+
+    pipe = {"sd3": sd3, "sd35": sd35, "flux": flux}[family]
+    extra = {"max_sequence_length": 48} if family == "flux" else {}
+    args = dict(prompt="a photo of a nude person beside a red car", num_inference_steps=2, height=32, width=32,
+                output_type="latent", **extra)
+    plan = compile_plan(pipe, CONCEPTS, StepWindow(0.0, 1.0), options=extra or None)
+    unguarded = pipe(generator=torch.Generator().manual_seed(0), **args).images
+    with guarded_call(pipe, plan, scale_source=_Zero(plan)) as record:
+        riding = pipe(generator=torch.Generator().manual_seed(0), **args).images
+    assert record.guarded_calls == 2 and record.steps_inhibited == []  # rode along, subtracted nothing
+    assert _rel(riding, unguarded) <= 1e-6
+    with guarded_call(pipe, plan) as record:
+        inhibited = pipe(generator=torch.Generator().manual_seed(0), **args).images
+    assert record.steps_inhibited == [0, 1] and _rel(inhibited, unguarded) > 1e-3
