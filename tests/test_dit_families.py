@@ -8,7 +8,14 @@ import torch
 from gie_guard import Guard, UnsupportedPipelineError
 from gie_guard.engine import ConceptSpec, StepWindow, compile_plan, family_for
 from gie_guard.testing import dit
-from gie_guard.testing.reference import engine_layer, literal_cross_attention, literal_joint_attention
+from gie_guard.testing.reference import (
+    engine_joint_block,
+    engine_layer,
+    flux_rotary,
+    joint_inputs,
+    literal_cross_attention,
+    literal_joint_attention,
+)
 
 # per family: builder and the call settings that keep it small and fast
 FAMILIES = {
@@ -122,22 +129,8 @@ def flux_pipe():
     return dit.tiny_flux_pipeline()
 
 
-def _joint_inputs(attn, plan, n=12, t=20, rows=2, seed=0, single=False):
-    g = torch.Generator().manual_seed(seed)
-    width = attn.to_q.in_features
-    text_width = width if single else attn.add_q_proj.in_features
-    image = torch.randn(rows, n, width, generator=g)
-    text = torch.randn(rows, t, text_width, generator=g)
-    states = [torch.randn(rows, len(s), text_width, generator=g) for s in plan.ride_along]
-    weights = [plan.token_scales[c, list(s)] for c, s in enumerate(plan.ride_along)]
-    return image, text, states, weights
 
 
-def _flux_rotary(pipe, t_total, n):
-    side = int(n**0.5)
-    img = torch.stack([torch.zeros(n), torch.arange(n) // side, torch.arange(n) % side], dim=-1).float()
-    ids = torch.cat([torch.zeros(t_total, 3), img])
-    return pipe.transformer.pos_embed(ids)
 
 
 @pytest.mark.parametrize("count", [1, 3])
@@ -146,7 +139,7 @@ def test_sd3_joint_block_matches_its_literal_reference(sd3_pipe, count, sink):
     plan = compile_plan(sd3_pipe, _concepts(count), StepWindow(0.0, 1.0), sink=sink)
     for site in ("transformer_blocks.0.attn", "transformer_blocks.2.attn"):  # the last is context_pre_only
         attn = sd3_pipe.transformer.get_submodule(site)
-        image, text, states, weights = _joint_inputs(attn, plan)
+        image, text, states, weights = joint_inputs(attn, plan)
         with torch.no_grad(), engine_layer(sd3_pipe, plan, rows=[1]) as call:
             call.text_length = text.shape[1]
             got_image, got_text = attn(hidden_states=image, encoder_hidden_states=torch.cat([text, *states], dim=1))
@@ -174,17 +167,11 @@ def test_flux_double_and_single_blocks_match_their_literal_reference(flux_pipe, 
     for site in ("transformer_blocks.1.attn", "single_transformer_blocks.0.attn"):
         attn = flux_pipe.transformer.get_submodule(site)
         single = site.startswith("single")
-        image, text, states, weights = _joint_inputs(attn, plan, n=16, single=single)
+        image, text, states, weights = joint_inputs(attn, plan, n=16, single=single)
         t_all = text.shape[1] + sum(s.shape[1] for s in states)
-        rotary = _flux_rotary(flux_pipe, t_all, image.shape[1])
-        with torch.no_grad(), engine_layer(flux_pipe, plan, rows=[0, 1]) as call:
-            call.text_length = text.shape[1]
-            if single:
-                out = attn(hidden_states=torch.cat([text, *states, image], dim=1), image_rotary_emb=rotary)
-                got_image, got_text = out[:, t_all:], out[:, :t_all]
-            else:
-                got_image, got_text = attn(hidden_states=image, encoder_hidden_states=torch.cat([text, *states], dim=1),
-                                           image_rotary_emb=rotary)
+        rotary = flux_rotary(flux_pipe, t_all, image.shape[1])
+        got_image, got_text = engine_joint_block(flux_pipe, plan, attn, image, text, states, [0, 1], single=single,
+                                                 rotary=rotary)
         want_image, want_concepts = literal_joint_attention(
             attn, image, text, list(zip(states, weights)), [0, 1], single=single, rotary=rotary)
         plain_image, _ = literal_joint_attention(

@@ -10,7 +10,7 @@ import torch
 
 from gie_guard.engine import ConceptSpec, StepWindow, compile_plan
 from gie_guard.testing import dit
-from gie_guard.testing.reference import engine_layer, literal_joint_attention
+from gie_guard.testing.reference import engine_joint_block, flux_rotary, joint_inputs, literal_joint_attention
 
 CONCEPTS = [ConceptSpec("nude", "nude", 3.0), ConceptSpec("car", "red car", 7.0)]
 
@@ -45,21 +45,8 @@ def flux():
     return pipe
 
 
-def _inputs(attn, plan, *, n=16, t=20, rows=2, seed=0, single=False):
-    g = torch.Generator().manual_seed(seed)
-    width = attn.to_q.in_features
-    text_width = width if single else attn.add_q_proj.in_features
-    image = torch.randn(rows, n, width, generator=g)
-    text = torch.randn(rows, t, text_width, generator=g)
-    states = [torch.randn(rows, len(s), text_width, generator=g) for s in plan.ride_along]
-    weights = [plan.token_scales[c, list(s)] for c, s in enumerate(plan.ride_along)]
-    return image, text, states, weights
 
 
-def _flux_rotary(pipe, t, n):
-    side = int(n**0.5)
-    img = torch.stack([torch.zeros(n), torch.arange(n) // side, torch.arange(n) % side], dim=-1).float()
-    return pipe.transformer.pos_embed(torch.cat([torch.zeros(t, 3), img]))
 
 
 def _rel(a, b):
@@ -70,12 +57,10 @@ def _check_sd3_site(pipe, site):
     plan = compile_plan(pipe, CONCEPTS, StepWindow(0.0, 1.0))
     attn = pipe.transformer.get_submodule(site)
     original = attn.processor
-    image, text, states, weights = _inputs(attn, plan)
+    image, text, states, weights = joint_inputs(attn, plan)
     with torch.no_grad():
         plain = original(attn, hidden_states=image, encoder_hidden_states=text)  # the prompt alone
-    with torch.no_grad(), engine_layer(pipe, plan, rows=[1]) as call:
-        call.text_length = text.shape[1]
-        got_image, got_text = attn(hidden_states=image, encoder_hidden_states=torch.cat([text, *states], dim=1))
+    got_image, got_text = engine_joint_block(pipe, plan, attn, image, text, states, [1])
     want_image, want_concepts = literal_joint_attention(attn, image, text, list(zip(states, weights)), [1])
     with torch.no_grad():
         want_image = attn.to_out[0](want_image)
@@ -109,11 +94,11 @@ def test_flux_with_random_norms_matches_the_literal_reference_and_keeps_the_prom
     attn = flux.transformer.get_submodule(site)
     single = site.startswith("single")
     original = attn.processor
-    image, text, states, weights = _inputs(attn, plan, single=single)
+    image, text, states, weights = joint_inputs(attn, plan, n=16, single=single)
     t, n = text.shape[1], image.shape[1]
     t_all = t + sum(s.shape[1] for s in states)
-    rotary = _flux_rotary(flux, t_all, n)
-    alone = _flux_rotary(flux, t, n)  # text ids are all zero, so the prompt's positions are the same
+    rotary = flux_rotary(flux, t_all, n)
+    alone = flux_rotary(flux, t, n)  # text ids are all zero, so the prompt's positions are the same
     with torch.no_grad():
         if single:
             plain = original(attn, hidden_states=torch.cat([text, image], dim=1), image_rotary_emb=alone)
@@ -121,14 +106,7 @@ def test_flux_with_random_norms_matches_the_literal_reference_and_keeps_the_prom
         else:
             plain_image, plain_text = original(attn, hidden_states=image, encoder_hidden_states=text,
                                                image_rotary_emb=alone)
-    with torch.no_grad(), engine_layer(flux, plan, rows=[1]) as call:
-        call.text_length = t
-        if single:
-            out = attn(hidden_states=torch.cat([text, *states, image], dim=1), image_rotary_emb=rotary)
-            got_image, got_text = out[:, t_all:], out[:, :t_all]
-        else:
-            got_image, got_text = attn(hidden_states=image, encoder_hidden_states=torch.cat([text, *states], dim=1),
-                                       image_rotary_emb=rotary)
+    got_image, got_text = engine_joint_block(flux, plan, attn, image, text, states, [1], single=single, rotary=rotary)
     want_image, want_concepts = literal_joint_attention(attn, image, text, list(zip(states, weights)), [1],
                                                         single=single, rotary=rotary)
     with torch.no_grad():

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["engine_layer", "literal_cross_attention", "literal_joint_attention"]
+__all__ = ["engine_joint_block", "engine_layer", "flux_rotary", "joint_inputs", "literal_cross_attention", "literal_joint_attention"]
 
 
 def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -176,3 +176,46 @@ def engine_layer(pipe: Any, plan: Any, rows: Sequence[int], *, active: bool = Tr
         yield call
     finally:
         call.remove()
+
+
+def joint_inputs(
+    attn: Any, plan: Any, *, n: int = 12, t: int = 20, rows: int = 2, seed: int = 0, single: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Random inputs of one joint-attention block for ``engine_layer`` comparisons: image
+    ``(rows, n, D)``, prompt text ``(rows, t, D_text)``, per concept its carried tokens' states
+    ``(rows, T_c, D_text)`` and w over them ``(T_c,)``."""
+    g = torch.Generator().manual_seed(seed)
+    width = attn.to_q.in_features
+    text_width = width if single else attn.add_q_proj.in_features
+    image = torch.randn(rows, n, width, generator=g)
+    text = torch.randn(rows, t, text_width, generator=g)
+    states = [torch.randn(rows, len(s), text_width, generator=g) for s in plan.ride_along]
+    weights = [plan.token_scales[c, list(s)] for c, s in enumerate(plan.ride_along)]
+    return image, text, states, weights
+
+
+def flux_rotary(pipe: Any, t_total: int, n: int) -> Any:
+    """Flux's rotary embedding for ``t_total`` text tokens (position ids 0, as the prompt's)
+    and ``n`` image tokens on a square grid."""
+    side = int(n**0.5)
+    img = torch.stack([torch.zeros(n), torch.arange(n) // side, torch.arange(n) % side], dim=-1).float()
+    return pipe.transformer.pos_embed(torch.cat([torch.zeros(t_total, 3), img]))
+
+
+@torch.no_grad()
+def engine_joint_block(
+    pipe: Any, plan: Any, attn: Any, image: torch.Tensor, text: torch.Tensor, states: Sequence[torch.Tensor],
+    rows: Sequence[int], *, single: bool = False, rotary: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One joint-attention block through the engine (``engine_layer``) with the concepts'
+    carried ``states`` appended to the prompt ``text``: the image tokens' output and the text
+    sequence's (prompt, then concept tokens). ``single``: a Flux single-stream block."""
+    t_all = text.shape[1] + sum(s.shape[1] for s in states)
+    extra = {} if rotary is None else {"image_rotary_emb": rotary}
+    with engine_layer(pipe, plan, rows=rows) as call:
+        call.text_length = text.shape[1]
+        if single:
+            out = attn(hidden_states=torch.cat([text, *states, image], dim=1), **extra)
+            return out[:, t_all:], out[:, :t_all]
+        got_image, got_text = attn(hidden_states=image, encoder_hidden_states=torch.cat([text, *states], dim=1), **extra)
+        return got_image, got_text
