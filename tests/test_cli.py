@@ -80,7 +80,7 @@ def test_explain_shows_merges_and_scale_sources(tmp_path, capsys):
 def test_explain_shipped_name(capsys):
     assert main(["policy", "explain", "artists"]) == 0
     out = capsys.readouterr().out
-    assert "policy 'artists' from shipped:artists" in out and "van-gogh ('Van Gogh') <- van-gogh/1" in out
+    assert "policy 'artists' from shipped:artists" in out and "style-01 ('Van Gogh') <- style-01/1" in out
 
 
 def test_explain_bad_policy(tmp_path, capsys):
