@@ -349,6 +349,15 @@ def test_bad_requests_get_4xx_and_the_server_lives_on(svc):
     assert generations(after, "error") == generations(before, "error")  # none reached the pipeline
 
 
+def test_a_value_past_the_schema_bound_names_the_services_own_limit(svc):
+    port, _, _ = svc
+    for field, value, problem in (("steps", 10**9, "must be within [1, 4]"), ("steps", 5, "must be within [1, 4]"),
+                                  ("n", 2000, "must be within [1, 3]")):
+        status, _, body = request(port, "POST", "/v1/images", {"prompt": "x", field: value})
+        assert status == 422, body
+        assert json.loads(body)["error"]["fields"] == [{"loc": field, "problem": problem}], body
+
+
 def test_a_10_mb_body_gets_413_not_a_reset(svc):
     port, _, _ = svc
     status, received, _, closed = raw(port, post_raw(b'{"prompt": "' + b"x" * (10 * 2**20) + b'"}'), timeout=60)
