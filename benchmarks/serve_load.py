@@ -400,7 +400,7 @@ def run(config: LoadConfig) -> dict[str, Any]:
         guarded.records.sort(key=lambda r: r.ended)
         if swap_at < 0:
             swap()
-        info = _wait_for_policy(port, before.content_hash, after.content_hash, timeout=30.0)
+        info = _wait_for_policy(port, before.content_hash, after.content_hash, timeout=120.0)  # a bound, not a target
         probes = _probe(port, replicas=config.replicas, rounds=config.probe_rounds, steps=config.steps,
                         timeout=config.timeout_s, first_index=config.requests)
         samples = scrape(port)

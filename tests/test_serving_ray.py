@@ -37,7 +37,9 @@ def _serve_load():
 def test_two_replicas_policy_swap_under_load(tmp_path):
     serve_load = _serve_load()
     config = serve_load.LoadConfig(out=str(tmp_path), replicas=2, requests=24, concurrency=6, model="tiny", steps=2,
-                                   timeout_s=120, max_seconds=240, unguarded=False, max_batch_images=4)
+                                   timeout_s=300, max_seconds=900, unguarded=False, max_batch_images=4)
+    # (bounds against a hang, generous for a busy machine: the test checks behaviour, not speed;
+    # Ray's proxy health checks are patient too, gie_guard.serving.ray.RAY_ENV_DEFAULTS)
     results = serve_load.run(config)
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
     assert "| replicas |" in (tmp_path / "results.md").read_text()
