@@ -123,6 +123,7 @@ def test_a_replica_killed_mid_request_loses_nothing(tmp_path):
             deadline = time.monotonic() + 300
             while not any(marks.iterdir()):  # until a replica is generating
                 assert time.monotonic() < deadline, "no replica started generating"
+                assert not all(f.done() for f in futures), [f.result() for f in futures][:2]  # answered already?
                 time.sleep(0.05)
             victim = int(next(marks.iterdir()).name)
             os.kill(victim, signal.SIGKILL)
@@ -153,3 +154,14 @@ def test_a_replica_killed_mid_request_loses_nothing(tmp_path):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_the_ingress_seeds_a_request_only_where_that_is_safe():
+    from gie_guard.serving.ray import _with_seed
+
+    seeded = json.loads(_with_seed('{"prompt": "é", "seed": null}'.encode(), 65536))
+    assert seeded["prompt"] == "é" and isinstance(seeded["seed"], int)
+    for body in (b'{"prompt": "x", "seed": 5}', b"[1]", b"{not json", b'{"prompt": "\\ud800"}'):
+        assert _with_seed(body, 65536) == body  # the replica answers these as they are
+    long = b'{"prompt": "' + b"x" * 100 + b'"}'
+    assert _with_seed(long, len(long) + 5) == long  # the seed would take it past max_body_bytes

@@ -197,17 +197,22 @@ def _json_error(status: int, code: str, message: str, retry_after: int | None = 
     return status, headers, body
 
 
-def _with_seed(body: bytes) -> bytes:
+def _with_seed(body: bytes, limit: int) -> bytes:
     """``body`` with a random ``seed`` when it is a JSON object without one (so that a retry
-    makes the same images); anything else as it is (the replica answers it)."""
+    makes the same images); anything else, or a body that the seed would take past ``limit``
+    bytes, as it is (the replica answers it)."""
     try:
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return body
-    if not isinstance(request, dict) or "seed" in request:
+    if not isinstance(request, dict) or request.get("seed") is not None:
         return body
     request["seed"] = secrets.randbelow(MAX_SEED + 1)
-    return json.dumps(request, ensure_ascii=True).encode("ascii")
+    try:
+        seeded = json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, which the replica refuses with its own message
+        return body
+    return seeded if len(seeded) <= limit else body
 
 
 def _replica_lost(exc: BaseException) -> bool:
@@ -260,7 +265,7 @@ class GuardedIngress:
         if isinstance(body, tuple):
             return body
         if images and plain.get("method") == "POST":
-            body = _with_seed(body)
+            body = _with_seed(body, self._settings.max_body_bytes)
             plain["headers"] = [(k, v) for k, v in plain.get("headers", []) if bytes(k).lower() != b"content-length"]
             plain["headers"].append((b"content-length", str(len(body)).encode()))
         for attempt in (1, 2):
