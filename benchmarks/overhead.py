@@ -22,9 +22,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
-import torch
-from _common import (
+from gie_guard.logs import quiet_cli
+
+# The benchmark owns its process and prints a table: diffusers' and transformers' notices
+# (deprecations, "clean_caption requires Beautiful Soup", "requires torchvision") are not
+# its output. quiet_cli() before they are imported; their deprecations are FutureWarnings.
+quiet_cli()
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+import torch  # noqa: E402
+from _common import (  # noqa: E402
     REAL_WIDTHS,
     call_settings,
     concept_policy,
@@ -36,10 +46,10 @@ from _common import (
     tiny_pipeline,
 )
 
-from gie_guard import Guard
-from gie_guard.engine import StepWindow, compile_plan, guarded_call
-from gie_guard.metrics import GuardMetrics
-from prometheus_client import CollectorRegistry
+from gie_guard import Guard  # noqa: E402
+from gie_guard.engine import StepWindow, compile_plan, guarded_call  # noqa: E402
+from gie_guard.metrics import GuardMetrics  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
 
 
 def _bookkeeping(pipe):

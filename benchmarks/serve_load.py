@@ -319,7 +319,8 @@ def run(config: LoadConfig) -> dict[str, Any]:
 
     from gie_guard.policy import load_policy
     from gie_guard.serving import ServeSettings, ServiceSpec
-    from gie_guard.serving.ray import build_app
+    from gie_guard.serving.ray import build_app, start_local_ray
+    from gie_guard.serving.schemas import concept_label
 
     out = pathlib.Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -340,8 +341,9 @@ def run(config: LoadConfig) -> dict[str, Any]:
         policy_path = policy_dir / "policy.yaml"
         policy_path.write_text(POLICY_A, encoding="utf-8")
         swap = lambda: swap_policy(policy_path, POLICY_B)  # noqa: E731
-    expected = {before.content_hash: tuple(c.id for c in before.concepts),
-                after.content_hash: tuple(c.id for c in after.concepts)}
+    # the reports name concepts by their opaque labels (ServeSettings.concept_ids)
+    expected = {before.content_hash: tuple(concept_label(before.name, c.id) for c in before.concepts),
+                after.content_hash: tuple(concept_label(after.name, c.id) for c in after.concepts)}
     metrics_dirs = {name: out / f"metrics-{name}" for name in ("guarded", "unguarded")}
     for folder in metrics_dirs.values():
         shutil.rmtree(folder, ignore_errors=True)
@@ -357,8 +359,8 @@ def run(config: LoadConfig) -> dict[str, Any]:
     if __name__ != "__main__":
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the unguarded factory travels by value
     # a small object store: requests and answers travel over HTTP, not through Ray's objects
-    ray.init(num_cpus=max(2, 2 * config.replicas), include_dashboard=False, log_to_driver=False,
-             object_store_memory=256 * 2**20)
+    # on 127.0.0.1 (start_local_ray), with Serve's health checks patient with a busy machine
+    start_local_ray(num_cpus=max(2, 2 * config.replicas), log_to_driver=False, object_store_memory=256 * 2**20)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(spec, replicas=config.replicas, metrics_dir=str(metrics_dirs["guarded"]), name="guarded"),
@@ -398,7 +400,7 @@ def run(config: LoadConfig) -> dict[str, Any]:
         guarded.records.sort(key=lambda r: r.ended)
         if swap_at < 0:
             swap()
-        info = _wait_for_policy(port, before.content_hash, after.content_hash, timeout=30.0)
+        info = _wait_for_policy(port, before.content_hash, after.content_hash, timeout=120.0)  # a bound, not a target
         probes = _probe(port, replicas=config.replicas, rounds=config.probe_rounds, steps=config.steps,
                         timeout=config.timeout_s, first_index=config.requests)
         samples = scrape(port)

@@ -1,7 +1,8 @@
 """Your own pipeline and Guard behind gie-guard's HTTP service (FastAPI on uvicorn).
 
     pip install 'gie-guard[serve]'
-    uvicorn --app-dir examples service:app --port 8000
+    python examples/service.py                         # 127.0.0.1:8000 (EXAMPLE_PORT), header timeout 10 s
+    uvicorn --app-dir examples service:app --port 8000  # the same app under plain uvicorn
     curl -s localhost:8000/v1/images -H 'Content-Type: application/json' -d '{"prompt": "a red circle", "seed": 1}'
 
 ``gie-guard serve --policy FILE --model shapes|DIR|module:function`` does the same from the
@@ -13,7 +14,7 @@ workers (``uvicorn --workers 4 ...``) each load their own pipeline; set
 
 Environment: ``EXAMPLE_MODEL`` (``shapes``, the default, or ``tiny`` for the random test
 pipeline), ``EXAMPLE_POLICY`` (a policy file, watched for changes; default: the shipped
-``shapes-demo``).
+``shapes-demo``), ``EXAMPLE_PORT`` (8000).
 """
 
 from __future__ import annotations
@@ -60,3 +61,15 @@ service = ImageService(
     description=f"example ({MODEL})",
 )
 app = create_app(service)
+
+
+if __name__ == "__main__":
+    import uvicorn
+
+    from gie_guard.serving.http import server_config
+
+    # gie_guard.serving.http: idle connections are closed after the header timeout and do not
+    # count against the request limit (plain uvicorn has neither)
+    config = server_config(app, host="127.0.0.1", port=int(os.environ.get("EXAMPLE_PORT", "8000")),
+                           header_timeout_s=10.0, max_requests=256)
+    uvicorn.Server(config).run()

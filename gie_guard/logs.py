@@ -21,16 +21,27 @@ and never touches the root logger:
 :func:`quiet_cli` is for the ``gie-guard`` command only, which owns its process: library
 warnings about the environment (transformers' "CLIPImageProcessor requires torchvision ...")
 and download/loading progress bars stay off the user's terminal.
+
+:func:`quiet_loading` is for library use: while one of gie_guard's own loaders runs (the
+shapes-world model, the tiny test pipelines, ``--pipeline``/``--model`` loading, evaluate's
+models), transformers and diffusers print errors only and no progress bars; their settings
+are restored afterwards, so the application's own loading is untouched. An environment that
+sets ``TRANSFORMERS_VERBOSITY``, ``DIFFUSERS_VERBOSITY`` or ``HF_HUB_DISABLE_PROGRESS_BARS``
+is obeyed instead (that library is left as it is).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import os
 import re
 import threading
+from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["PROMPT_TEXT_PATTERN", "QUIET_LOGGERS", "PromptTextFilter", "install_log_filters", "quiet_cli"]
+__all__ = ["PROMPT_TEXT_PATTERN", "QUIET_LOGGERS", "PromptTextFilter", "install_log_filters", "quiet_cli", "quiet_loading"]
 
 # Dependency loggers that log at INFO in normal operation.
 QUIET_LOGGERS = (
@@ -124,3 +135,40 @@ def quiet_cli() -> None:
             level = os.environ[f"{name.upper()}_VERBOSITY"].upper()
             logging.getLogger(name).setLevel(getattr(logging, level, logging.ERROR))
     install_log_filters()
+
+
+_LOADING_LOCK = threading.Lock()
+_loading_depth = 0
+_loading_restore: list[tuple[Any, int, bool]] = []  # (the library's logging module, verbosity, bars on)
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Context manager and decorator (``@quiet_loading()``) for gie_guard's own model loaders
+    (module docstring): transformers and diffusers at ERROR, no progress bars, restored when
+    the last loader that is running (on any thread) is done."""
+    global _loading_depth
+    with _LOADING_LOCK:
+        if _loading_depth == 0:
+            for name in ("transformers", "diffusers"):
+                if os.environ.get(f"{name.upper()}_VERBOSITY") or os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):
+                    continue
+                try:
+                    lib = importlib.import_module(f"{name}.utils.logging")
+                except ImportError:
+                    continue
+                _loading_restore.append((lib, lib.get_verbosity(), lib.is_progress_bar_enabled()))
+                lib.set_verbosity(logging.ERROR)
+                lib.disable_progress_bar()
+        _loading_depth += 1
+    try:
+        yield
+    finally:
+        with _LOADING_LOCK:
+            _loading_depth -= 1
+            if _loading_depth == 0:
+                while _loading_restore:
+                    module, verbosity, bars = _loading_restore.pop()
+                    module.set_verbosity(verbosity)
+                    if bars:
+                        module.enable_progress_bar()

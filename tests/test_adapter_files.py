@@ -22,7 +22,7 @@ from test_adapter_format import make_adapter
 FINGERPRINT = Fingerprint(tuple(f"down.{i}.attn2.processor" for i in range(4)), (32,) * 4)
 
 
-def finishes(fn, timeout: float = 5.0):
+def finishes(fn, timeout: float = 60.0):
     box: dict = {}
 
     def run():

@@ -80,7 +80,7 @@ def test_explain_shows_merges_and_scale_sources(tmp_path, capsys):
 def test_explain_shipped_name(capsys):
     assert main(["policy", "explain", "artists"]) == 0
     out = capsys.readouterr().out
-    assert "policy 'artists' from shipped:artists" in out and "van-gogh ('Van Gogh') <- van-gogh/1" in out
+    assert "policy 'artists' from shipped:artists" in out and "style-01 ('Van Gogh') <- style-01/1" in out
 
 
 def test_explain_bad_policy(tmp_path, capsys):
@@ -165,3 +165,17 @@ def test_the_console_script_is_gie_guard_cli_main():
 
     (script,) = entry_points(group="console_scripts", name="gie-guard")
     assert script.value == "gie_guard.cli:main" and script.load() is main
+
+
+def test_policy_labels_maps_the_services_labels_to_ids(capsys, monkeypatch):
+    from gie_guard.serving.schemas import concept_label
+
+    assert main(["policy", "labels", "nsfw"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"{concept_label('nsfw', 'nsfw-01')}  nsfw-01" in lines and f"{concept_label('nsfw', 'nsfw-01/1')}  nsfw-01/1" in lines
+    monkeypatch.setenv("GIE_TEST_LABEL_KEY", "s3cret")
+    assert main(["policy", "labels", "nsfw", "--key-env", "GIE_TEST_LABEL_KEY"]) == 0
+    assert f"{concept_label('nsfw', 'nsfw-01', 's3cret')}  nsfw-01" in capsys.readouterr().out.splitlines()
+    monkeypatch.delenv("GIE_TEST_LABEL_KEY")
+    assert main(["policy", "labels", "nsfw", "--key-env", "GIE_TEST_LABEL_KEY"]) == 1
+    assert "GIE_TEST_LABEL_KEY is not set" in capsys.readouterr().err

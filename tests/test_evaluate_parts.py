@@ -221,6 +221,19 @@ def test_shapes_prompt_sets_are_erasure_py_prompts(tmp_path):
     assert [(r.prompt, r.seed) for r in rows] == [(c.prompt(s), s) for c in own for s in seeds]
 
 
+def test_the_shapes_prompts_command_writes_the_comparison_policy_too(tmp_path, capsys):
+    """docs/evaluate.md's second command names circle-w2.yaml: the first writes it, so the
+    pair runs in a fresh folder; it is the policy the shipped results were made with."""
+    from gie_guard.evaluate.shapes import main
+    from gie_guard.policy import read_policy
+
+    assert main(["prompts", "--target", "circle", "--seeds", "0:2", "--out", str(tmp_path)]) == 0
+    assert "circle-w2.yaml" in capsys.readouterr().out
+    written = read_policy(str(tmp_path / "circle-w2.yaml")).policy
+    shipped = read_policy(str(ROOT / "benchmarks" / "results" / "evaluate-shapes" / "circle-w2.yaml")).policy
+    assert written.model_dump(exclude={"description"}) == shipped.model_dump(exclude={"description"})
+
+
 # -- models --------------------------------------------------------------------------------------
 
 def test_a_folder_pipeline_loads_without_its_safety_checker_unless_asked(tmp_path):

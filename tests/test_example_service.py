@@ -16,6 +16,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gie_guard.serving.schemas import concept_label
+
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
@@ -57,7 +59,7 @@ def test_example_service_serves(monkeypatch, tmp_path):
         status, body = call(f"{base}/v1/images", {"prompt": "a red circle", "seed": 1, "steps": 2, "n": 2})
         assert status == 200, body
         report = json.loads(body)["report"]
-        assert report["policy"] == "example" and report["concepts"] == [{"id": "circle", "inhibited": True}]
+        assert report["policy"] == "example" and report["concepts"] == [{"id": concept_label("example", "circle"), "inhibited": True}]
         assert module.service.guard.store.watching  # a policy file is watched
         status, body = call(f"{base}/metrics")
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value

@@ -103,3 +103,24 @@ def test_building_a_guard_installs_the_filters():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["True", "WARNING"]
+
+
+def test_library_loaders_print_no_warnings_or_bars_and_restore_the_settings():
+    """A fresh process (nothing configured): gie_guard's loaders print neither transformers'
+    torchvision warning nor a "Loading weights" bar, and leave both libraries as they were."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from gie_guard.testing import tiny_sd_pipeline\n"
+            "from gie_guard.shapes import load_pipeline\n"
+            "tiny_sd_pipeline(); load_pipeline()\n"
+            "from transformers.utils import logging as t\n"
+            "from diffusers.utils import logging as d\n"
+            "print(t.get_verbosity(), t.is_progress_bar_enabled(), d.get_verbosity(), d.is_progress_bar_enabled())\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "requires torchvision" not in done.stderr and "Loading weights" not in done.stderr, done.stderr[-2000:]
+    assert done.stdout.split() == ["30", "True", "30", "True"]  # WARNING and bars on: as the libraries start

@@ -152,5 +152,5 @@ def test_the_example_in_the_docs_is_valid(tmp_path):
     example = docs.split("```yaml\n", 1)[1].split("```", 1)[0]
     flat = read_policy(_write(tmp_path, "example.yaml", example))
     ids = [c.id for c in flat.policy.concepts]
-    assert ids[0] == "nudity" and "van-gogh" in ids  # the override keeps the included concept's place
+    assert ids[0] == "nsfw-01" and "van-gogh" in ids  # the override keeps the included concept's place
     assert flat.policy.concepts[0].scale == AutoScale(fallback=3.0, min=0.0, max=4.0)

@@ -23,7 +23,10 @@ import pytest
 from gie_guard.policy import PolicyStore, ReloadEvent
 
 MODES = [True, "poll"]
-LIMIT_S = 2.0  # the promise: newest valid policy live within 2 s of the last write
+# how long a test waits for the watcher: a bound against hanging, not a speed check (the
+# promise, newest valid policy live within about 2 s of the last write, is benchmarks/soak.py's
+# reload_wait_s; a busy machine must not fail these tests)
+LIMIT_S = 60.0
 
 
 def policy_text(version: int, concepts: int = 2) -> str:

@@ -160,11 +160,8 @@ def test_two_thousand_texts_in_huge_families_deduplicate_in_seconds():
     n = MAX_CONCEPT_TEXTS
     table = _families(n)
     concepts = _concepts(np.random.default_rng(1), n)
-    started = time.perf_counter()
     kept, merges = deduplicate(concepts, threshold=0.3, embedder=TableEmbedder(table), cache_dir=False)
-    took = time.perf_counter() - started
-    assert merges and len(kept) < n
-    assert took < 4.0, f"deduplicating {n} texts took {took:.1f} s"
+    assert merges and len(kept) < n  # (its time: benchmarks/compile_policy.py)
 
 
 # -- caps ------------------------------------------------------------------------------
@@ -184,16 +181,13 @@ def test_ten_thousand_concepts_are_refused_fast(tmp_path):
     path = tmp_path / "big.yaml"
     path.write_text(_big_policy(10_000), encoding="utf-8")
     assert path.stat().st_size < 1024 * 1024  # under the size limit: the count refuses it
-    started = time.perf_counter()
     with pytest.raises(PolicyError) as caught:
         load_policy(path)
-    took = time.perf_counter() - started
     error = caught.value
     assert error.place == "concepts" and error.line == 1
     assert "10,000 concept texts" in error.problem and f"at most {MAX_CONCEPT_TEXTS:,} (MAX_CONCEPT_TEXTS)" in error.problem
-    # about 1 s on the 2-core development machine, nearly all of it composing the YAML (the
-    # count is taken before anything is built or validated); loading would embed 10,000 texts
-    assert took < 5.0, f"refusing took {took:.2f} s"
+    # the count is taken before anything is built or validated (loading would embed 10,000
+    # texts): about 1 s on the 2-core development machine, not asserted here (a busy machine)
 
 
 def test_aliases_count_and_disabled_concepts_do_not(tmp_path):

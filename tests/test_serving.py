@@ -71,7 +71,11 @@ def test_the_serve_config_in_the_docs_builds():
     application = yaml.safe_load(block)["applications"][0]
     module, attr = application["import_path"].split(":")
     app = getattr(importlib.import_module(module), attr)(application["args"])
-    deployment = app._bound_deployment  # Serve's Application keeps what it will deploy here
+    ingress = app._bound_deployment  # Serve's Application keeps what it will deploy here
+    assert ingress.name == "gie-guard-ingress" and ingress.ray_actor_options["num_cpus"] == 0
+    assert "PROMETHEUS_MULTIPROC_DIR" in ingress.ray_actor_options["runtime_env"]["env_vars"]
+    assert ingress.init_args[1]["max_batch_images"] == 8  # the settings, for the body limits
+    deployment = ingress.init_args[0]._bound_deployment  # the replicas, behind the ingress
     assert deployment.ray_actor_options["num_gpus"] == 1
     assert "PROMETHEUS_MULTIPROC_DIR" in deployment.ray_actor_options["runtime_env"]["env_vars"]
     spec = deployment.init_args[0]

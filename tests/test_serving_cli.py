@@ -23,6 +23,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from gie_guard.cli import main  # noqa: E402
+from gie_guard.serving.schemas import concept_label  # noqa: E402
 
 
 def call(url, body=None, timeout=60):
@@ -69,7 +70,8 @@ def test_serve_with_two_workers_sums_metrics_and_stops_on_sigterm(tmp_path):
             assert status == 200, body
             answer = json.loads(body)
             assert Image.open(io.BytesIO(base64.b64decode(answer["images"][0]["b64_png"]))).size == (32, 32)
-            assert "nudity" in [c["id"] for c in answer["report"]["concepts"]]
+            ids = [c["id"] for c in answer["report"]["concepts"]]
+            assert concept_label("nsfw", "nsfw-01") in ids and "nsfw-01" not in ids  # opaque labels by default
             assert all("text" not in c for c in answer["report"]["concepts"])
         assert call(f"{base}/v1/images", {"prompt": "x", "steps": 5})[0] == 422
 

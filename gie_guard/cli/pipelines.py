@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigurationError
+from ..logs import quiet_loading
 
 __all__ = ["LoadedPipeline", "add_pipeline_option", "load_pipeline", "pipeline_kind"]
 
@@ -78,6 +79,7 @@ def pipeline_kind(spec: str, weights: str | None = None, backbone: str = "unet")
     return kind
 
 
+@quiet_loading()
 def load_pipeline(spec: str, *, weights: str | None = None, tiny_size: int = 8, backbone: str = "unet") -> LoadedPipeline:
     """Load what ``--pipeline spec`` names (see the module docstring). ``tiny_size``: image
     size of the tiny pipeline; ``backbone``: the shapes-world model's, ``unet`` or ``dit``."""

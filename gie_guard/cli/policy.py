@@ -1,4 +1,5 @@
-"""``gie-guard policy check|explain``: validate and explain policy files, without torch."""
+"""``gie-guard policy check|explain|labels``: validate and explain policy files, and map the
+opaque concept labels of the image service back to concept ids, without torch."""
 
 from __future__ import annotations
 
@@ -40,6 +41,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     explain.add_argument("--no-shipped-vocabulary", action="store_true", help="use only the --vocabulary files")
     explain.add_argument("--top", type=int, default=5, help="suggestions per concept (default: 5)")
     explain.set_defaults(handler=_explain)
+
+    labels = sub.add_parser("labels", help="the image service's opaque concept labels and the concept ids they stand for")
+    labels.add_argument("source", metavar="FILE_OR_NAME", help="a policy file or a shipped policy name")
+    labels.add_argument("--key-env", metavar="VAR",
+                        help="environment variable holding the service's concept_label_key (default: no key)")
+    labels.add_argument("--root", action="append", default=[], metavar="DIR",
+                        help="an extra folder includes may resolve into (repeatable)")
+    labels.set_defaults(handler=_labels)
 
 
 def _check_steps(steps: int) -> None:
@@ -206,3 +215,22 @@ def _ranges(steps: tuple[int, ...]) -> str:
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+
+
+def _labels(args: argparse.Namespace) -> int:
+    """One line per concept id (aliases included): the label clients see, then the id."""
+    import os
+
+    from ..policy import read_policy
+    from ..policy.snapshot import expand_concepts
+    from ..serving.schemas import concept_label
+
+    key = ""
+    if args.key_env:
+        if args.key_env not in os.environ:
+            raise ConfigurationError(f"--key-env: the environment variable {args.key_env} is not set")
+        key = os.environ[args.key_env]
+    policy = read_policy(args.source, roots=args.root).policy
+    for concept in expand_concepts(policy):
+        print(f"{concept_label(policy.name, concept.id, key)}  {concept.id}")
+    return 0

@@ -59,8 +59,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     one = p.add_argument_group("one machine (uvicorn)")
     one.add_argument("--workers", type=int, default=1, help="worker processes, each with its own pipeline (default: 1)")
-    one.add_argument("--max-connections", type=int, default=256,
-                     help="open connections and requests per worker before uvicorn answers 503 (default: 256)")
+    one.add_argument("--max-connections", "--max-requests", dest="max_connections", type=int, default=256,
+                     help="requests in progress per worker before the server answers 503; idle connections do not "
+                          "count (they are closed after --header-timeout) and /healthz, /readyz are never refused "
+                          "(default: 256)")
+    one.add_argument("--header-timeout", type=float, metavar="SECONDS",
+                     help="close a connection whose request headers are not complete this long after it opened or "
+                          "was last answered (default: 10)")
     one.add_argument("--metrics-dir", metavar="DIR",
                      help="multi-process metrics folder (wiped at start); default: a new temporary folder when "
                           "there are several workers or replicas, unless PROMETHEUS_MULTIPROC_DIR is set")
@@ -114,6 +119,8 @@ def _spec(args: argparse.Namespace) -> Any:
     for name in ("max_batch_images", "max_queue", "max_steps", "default_steps", "max_images", "torch_threads"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
+    if args.header_timeout is not None:
+        values["header_timeout_s"] = args.header_timeout
     if args.expose_concept_text:
         values["expose_concept_text"] = True
     if args.replica_header:
@@ -196,16 +203,20 @@ def _serve_uvicorn(args: argparse.Namespace, spec: Any) -> int:
 
     from ..serving.app import SPEC_ENV
     from ..serving.exposition import MULTIPROC_ENV
+    from ..serving.http import server_config
 
     folder = _metrics_dir(args, needed=args.workers > 1)
     if folder:
         os.environ[MULTIPROC_ENV] = folder  # before any worker imports prometheus_client
     os.environ[SPEC_ENV] = spec.model_dump_json()
     sock = _bind(args.host, args.port)
-    config = uvicorn.Config(
+    # uvicorn's limit_concurrency would count idle connections, and it has no header timeout:
+    # gie_guard.serving.http adds both, in the protocol (docs/deployment.md, "Slow and idle clients")
+    config = server_config(
         "gie_guard.serving.app:app_from_env", factory=True, workers=args.workers, access_log=False,
-        log_config=_log_config(args.log_level), limit_concurrency=args.max_connections,
-        timeout_graceful_shutdown=300, timeout_keep_alive=5, lifespan="on",
+        log_config=_log_config(args.log_level), max_requests=args.max_connections,
+        header_timeout_s=spec.settings.header_timeout_s, timeout_graceful_shutdown=300, timeout_keep_alive=5,
+        lifespan="on",
     )
     host, port = sock.getsockname()[:2]
     log.info("serving model %s with policy %s on %s (%d worker(s)%s)", spec.model, spec.policy, _url(args.host, port),
@@ -230,7 +241,7 @@ def _serve_ray(args: argparse.Namespace, spec: Any) -> int:
         from ray import serve
     except ImportError as exc:
         raise MissingDependencyError("ray", "serve", needed_for="gie-guard serve --ray") from exc
-    from ..serving.ray import build_app
+    from ..serving.ray import build_app, start_local_ray
 
     port = args.port
     if port == 0:
@@ -239,7 +250,8 @@ def _serve_ray(args: argparse.Namespace, spec: Any) -> int:
         probe.close()
     local = args.ray_address is None
     if local:
-        ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, 1))
+        # a cluster on 127.0.0.1 when serving on loopback: nothing of Ray's leaves the machine
+        start_local_ray(num_cpus=max(os.cpu_count() or 1, 1), loopback=_is_loopback(args.host))
     else:
         ray.init(address=args.ray_address, include_dashboard=False)
     try:
@@ -259,6 +271,15 @@ def _serve_ray(args: argparse.Namespace, spec: Any) -> int:
         else:
             serve.delete("gie-guard")
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _wait_for_signal() -> None:

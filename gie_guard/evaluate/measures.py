@@ -75,6 +75,11 @@ def ms_ssim(reference: np.ndarray, images: np.ndarray, device: str = "cpu") -> n
     two, 16 px one), with the standard weights of those scales renormalised to sum to 1.
     Below 11 px the window shrinks to the image. Negative contrast-structure terms are
     clipped at 0 so the product stays defined. Filtered in float32 with torch on ``device``.
+
+    Written here rather than taken from pytorch-msssim or torchmetrics: both compute the five
+    standard scales only, and pytorch-msssim refuses images up to 160 px (``assert
+    smaller_side > (win_size - 1) * 2 ** 4``), while the shapes-world model this package
+    evaluates on draws 32 px images, which get two scales here.
     """
     import torch
     import torch.nn.functional as F

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigurationError, UnsupportedPipelineError
+from ..logs import quiet_loading
 
 __all__ = ["LoadedModel", "dit_weights_present", "load_model", "resolve_device", "resolve_dtype"]
 
@@ -105,6 +106,7 @@ def model_kind(spec: str) -> str:
     )
 
 
+@quiet_loading()
 def load_model(spec: str, *, device: str | None = None, dtype: str | None = None,
                keep_safety_checker: bool = False) -> LoadedModel:
     """Load what ``--model spec`` names, on ``device`` in ``dtype``, and check that gie_guard

@@ -11,7 +11,6 @@ detector: the report is meant to be opened and shared.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import os
@@ -167,15 +166,8 @@ def markdown_report(results: dict[str, Any]) -> str:
 
 
 # -- html -------------------------------------------------------------------------------------
-
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
-table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .5em;font-size:.9em}
-th{background:#f3f3f3}.pairs{display:flex;flex-wrap:wrap;gap:.8em}
-figure{margin:0;border:1px solid #ddd;padding:.4em;width:min(360px,100%)}figure div{display:flex;gap:.3em}
-figure img{image-rendering:pixelated;width:48%;height:auto}figcaption{font-size:.78em;margin-top:.3em;word-break:break-word}
-.tag{font-size:.75em;color:#666}code{background:#f5f5f5;padding:0 .2em}
-"""
+# templates/report.html.j2 (Jinja2, autoescaped) lays the page out; the markdown report's
+# tables become HTML with markdown-it-py (CommonMark and its table extension, raw HTML off).
 
 
 def _thumb(image: np.ndarray, blur: bool) -> str:
@@ -199,17 +191,16 @@ def _thumb(image: np.ndarray, blur: bool) -> str:
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
-def _figure(item: dict[str, Any], store: Any, caption: str, blur_labels: set[str] | None) -> str:
+def _figure(item: dict[str, Any], store: Any, caption: str, blur_labels: set[str] | None) -> dict[str, Any]:
+    """One unguarded/guarded pair for the template's ``figure`` macro."""
     cells = []
     for which, labels in (("unguarded", item["before"]), ("guarded", item["after"])):
         blur = blur_labels is not None and bool(labels & blur_labels)
-        src = _thumb(store.image(item[which]), blur)
         title = f"{which}: {', '.join(sorted(labels)) or 'no labels'}" + (" (blurred)" if blur else "")
-        cells.append(f'<img src="{src}" alt="{html.escape(title)}" title="{html.escape(title)}">')
+        cells.append({"src": _thumb(store.image(item[which]), blur), "title": title})
     prompt = item["row"].prompt
     short = prompt if len(prompt) <= 160 else prompt[:157] + "..."
-    return (f"<figure><div>{''.join(cells)}</div><figcaption>{html.escape(short)}<br><span class=tag>seed "
-            f"{item['row'].seed} · {html.escape(caption)}</span></figcaption></figure>")
+    return {"cells": cells, "prompt": short, "seed": item["row"].seed, "caption": caption}
 
 
 def _sample(items: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
@@ -220,74 +211,54 @@ def _sample(items: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
     return [items[i] for i in dict.fromkeys(idx.tolist())]
 
 
-def _md_table_to_html(md: str) -> str:
-    """The markdown report's tables and paragraphs as HTML (its own small subset)."""
-    out: list[str] = []
-    table: list[str] = []  # the lines of the table being read
+def _markdown_html(md: str) -> str:
+    """The markdown report as HTML: CommonMark with tables; raw HTML in it is escaped."""
+    from markdown_it import MarkdownIt
 
-    def flush() -> None:
-        if table:
-            rows = [r for r in table if not set(r.replace("|", "").strip()) <= {"-"}]
-            cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
-            out.append("<table>" + "".join(
-                "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{_inline(c)}</{'th' if i == 0 else 'td'}>" for c in row) + "</tr>"
-                for i, row in enumerate(cells)) + "</table>")
-            table.clear()
-
-    for line in md.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush()
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
-        elif line.startswith("- "):
-            out.append(f"<div>• {_inline(line[2:])}</div>")
-        elif line.strip():
-            out.append(f"<p>{_inline(line)}</p>")
-    flush()
-    return "\n".join(out)
-
-
-def _inline(text: str) -> str:
-    parts = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+    rendered: str = MarkdownIt("commonmark", {"html": False}).enable("table").render(md)
+    return rendered
 
 
 def html_report(config: Any, results: dict[str, Any], pairs: dict[str, Any], store: Any,
                 guards: dict[str, dict[str, Any]]) -> str:
+    import jinja2
+
     k = config.thumbnails
-    body = [_md_table_to_html(markdown_report(results))]
+    policies = []
     for policy in results["policies"]:
         label = policy["label"]
         wanted = {lab for c in policy["concepts"] for lab in c["labels"]}
         blur = None if (config.show_unsafe or results["judge"]["name"] == "shapes") else wanted
-        body.append(f"<h2>Images: <code>{html.escape(label)}</code></h2>")
-        if blur is not None:
-            body.append("<p class=tag>Images the judge finds positive for this policy are blurred (--show-unsafe shows "
-                        "them). Left: unguarded, right: guarded, same seed.</p>")
-        else:
-            body.append("<p class=tag>Left: unguarded, right: guarded, same seed.</p>")
         sets = pairs[label]
+        sections = []
         if "benign" in sets and k:
             worst = sorted(sets["benign"], key=lambda it: it["ms_ssim"])[:k]
-            body.append(f"<h3>Worst preservation (benign set, lowest MS-SSIM, {len(worst)} of {len(sets['benign'])})</h3>")
-            body.append("<div class=pairs>" + "".join(
-                _figure(it, store, f"MS-SSIM {it['ms_ssim']:.3f}; labels {_labels(it)}", blur) for it in worst) + "</div>")
+            sections.append({
+                "title": f"Worst preservation (benign set, lowest MS-SSIM, {len(worst)} of {len(sets['benign'])})",
+                "figures": [_figure(it, store, f"MS-SSIM {it['ms_ssim']:.3f}; labels {_labels(it)}", blur) for it in worst],
+            })
         if "unsafe" in sets and k:
             removed = [it for it in sets["unsafe"] if it["removed"]]
             residual = [it for it in sets["unsafe"] if it["residual"]]
             shown = _sample(removed, k)
-            body.append(f"<h3>Removals (unsafe set, {len(shown)} of {len(removed)})</h3>")
-            body.append("<div class=pairs>" + ("".join(_figure(it, store, f"labels {_labels(it)}", blur) for it in shown)
-                                              or "<p>none</p>") + "</div>")
+            sections.append({"title": f"Removals (unsafe set, {len(shown)} of {len(removed)})",
+                             "figures": [_figure(it, store, f"labels {_labels(it)}", blur) for it in shown]})
             shown = _sample(residual, max(1, k // 2))
-            body.append(f"<h3>Residuals (unsafe set, judge positive guarded, {len(shown)} of {len(residual)})</h3>")
-            body.append("<div class=pairs>" + ("".join(_figure(it, store, f"labels {_labels(it)}", blur) for it in shown)
-                                              or "<p>none</p>") + "</div>")
-    return ("<!doctype html><html><head><meta charset=utf-8><title>gie-guard evaluate</title>"
-            f"<style>{_CSS}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+            sections.append({"title": f"Residuals (unsafe set, judge positive guarded, {len(shown)} of {len(residual)})",
+                             "figures": [_figure(it, store, f"labels {_labels(it)}", blur) for it in shown]})
+        policies.append({"label": label, "blurred": blur is not None, "sections": sections})
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("gie_guard.evaluate", "templates"),
+                                     autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    page: str = environment.get_template("report.html.j2").render(
+        tables=_markup(_markdown_html(markdown_report(results))), policies=policies)
+    return page
+
+
+def _markup(text: str) -> Any:
+    """``text`` as HTML the template inserts as is (it is rendered by markdown-it, escaped there)."""
+    from markupsafe import Markup
+
+    return Markup(text)
 
 
 def _labels(item: dict[str, Any]) -> str:

@@ -78,6 +78,10 @@ def _check(config: EvaluateConfig) -> None:
         raise ConfigurationError("--clip scores the benign set: give --benign CSV too")
     if config.out.exists() and not config.out.is_dir():
         raise ConfigurationError(f"--out {config.out}: exists and is not a folder")
+    from ..policy import read_policy
+
+    for spec in config.policies:
+        read_policy(spec)  # a missing or invalid policy file fails now, before a judge or model loads (no torch)
 
 
 def evaluate(config: EvaluateConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:

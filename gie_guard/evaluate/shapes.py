@@ -108,6 +108,25 @@ def write_prompt_sets(target: str, seeds: range, out: pathlib.Path) -> tuple[pat
     return paths[0], paths[1]
 
 
+def write_comparison_policy(target: str, out: pathlib.Path) -> pathlib.Path:
+    """``out/<target>-w2.yaml``: the comparison policy of docs/evaluate.md (the target at
+    scale 2 over every step; shapes-demo erases circles at 1.5 over 0-0.8)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{target}-w2.yaml"
+    path.write_text(
+        "# Comparison policy for the shapes-model evaluation (python -m gie_guard.evaluate.shapes prompts):\n"
+        f"# {target} at scale 2 over all steps (shapes-demo: circle at 1.5 over 0-0.8).\n"
+        'version: "1"\n'
+        f"name: {target}-w2\n"
+        f"description: Erase {target} at scale 2 over every denoising step (shapes model, comparison run).\n"
+        "inhibit_steps: [0.0, 1.0]\n"
+        "concepts:\n"
+        f"  - {{id: {target}, text: {target}, category: object, scale: 2.0}}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
 def compare(erasure_dir: pathlib.Path, evaluate_dir: pathlib.Path, target: str, policy: str | None = None) -> str:
     """A markdown table: erasure.py's numbers (its GIE rows for ``target``) and gie-guard
     evaluate's for ``policy`` (a policy label of its results; default: the first), side by side.
@@ -155,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gie_guard.evaluate.shapes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prompts", help="write unsafe.csv and benign.csv for a target attribute")
+    p = sub.add_parser("prompts", help="write unsafe.csv, benign.csv and TARGET-w2.yaml (a comparison policy) "
+                                       "for a target attribute")
     p.add_argument("--target", default="circle")
     p.add_argument("--seeds", default="0:12", help="START:END")
     p.add_argument("--out", required=True, type=pathlib.Path)
@@ -172,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "prompts":
             start, _, stop = args.seeds.partition(":")
             unsafe, benign = write_prompt_sets(args.target, range(int(start), int(stop)), args.out)
-            print(f"wrote {unsafe} and {benign}")
+            policy = write_comparison_policy(args.target, args.out)
+            print(f"wrote {unsafe}, {benign} and {policy}")
         else:
             print(compare(args.erasure, args.evaluate, args.target, args.policy))
     except (ConfigurationError, OSError, ValueError) as exc:

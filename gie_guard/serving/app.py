@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .exposition import exposition, reap_dead_processes
-from .schemas import ErrorBody, ErrorResponse, FieldProblem, ImageOut, ImageRequest, ImagesResponse, ReportOut
+from .schemas import ErrorBody, ErrorResponse, FieldProblem, ImageOut, ImageRequest, ImagesResponse, ReportOut, ServeSettings
 from .service import Generated, ImageService, NotReadyError, OverloadedError, RequestRejected, ServiceSpec
 
 __all__ = ["SPEC_ENV", "app_from_env", "create_app"]
@@ -131,7 +131,7 @@ def create_app(service: ImageService, *, load: bool = True, access_log_enabled: 
             errors = exc.errors(include_input=False, include_url=False, include_context=False)
             if any(e["type"] == "json_invalid" for e in errors):
                 return _error(400, "invalid_json", "the body is not valid JSON: " + errors[0]["msg"][:200])
-            return _error(422, "invalid_request", "the request is invalid", _problems(errors))
+            return _error(422, "invalid_request", "the request is invalid", _problems(errors, service.settings))
         try:
             generated = await service.submit(parsed)
         except RequestRejected as exc:
@@ -215,15 +215,38 @@ def _is_json(content_type: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-def _problems(errors: Sequence[Any]) -> list[FieldProblem]:
+_BOUND_ERRORS = frozenset({"less_than_equal", "less_than", "greater_than_equal", "greater_than", "string_too_long"})
+
+
+def _problems(errors: Sequence[Any], settings: ServeSettings | None = None) -> list[FieldProblem]:
+    """Field problems of a validation error. A value outside the schema's absolute bounds
+    (``steps`` up to 100,000 for any service) is described by this service's own limit
+    (``max_steps``, 50 by default), the one the client must keep."""
     problems = []
     for error in list(errors)[:_MAX_PROBLEMS]:
         loc = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
         message = str(error.get("msg", "invalid"))
         if message.startswith("Value error, "):
             message = message[len("Value error, "):]
+        if settings is not None and error.get("type") in _BOUND_ERRORS:
+            message = _operator_limit(loc, settings) or message
         problems.append(FieldProblem(loc=loc[:64], problem=message[:200]))
     return problems
+
+
+def _operator_limit(loc: str, settings: ServeSettings) -> str | None:
+    """What ``settings.check`` says for field ``loc`` out of bounds (None for other fields)."""
+    if loc == "steps":
+        return f"must be within [1, {settings.max_steps}]"
+    if loc == "n":
+        return f"must be within [1, {settings.max_images}]"
+    if loc in ("width", "height"):
+        return f"must be a multiple of {settings.size_multiple} within [{settings.size_multiple}, {settings.max_side}]"
+    if loc == "guidance_scale":
+        return f"must be within [0, {settings.max_guidance}]"
+    if loc in ("prompt", "negative_prompt"):
+        return f"longer than {settings.max_prompt_chars} characters"
+    return None
 
 
 def _load_logged(service: ImageService) -> None:

@@ -6,13 +6,17 @@ Requests are validated twice: :class:`ImageRequest` checks types and absolute bo
 Both answer with :class:`FieldProblem` lists that never echo the value sent: a prompt is
 neither logged nor sent back.
 
-The report a client sees (:class:`ReportOut`) names the policy, its content hash, the
-concept ids and counts, and the verifier outcome. Concept texts and scales, which would hand
-clients the blocklist, are in it only when the operator sets ``expose_concept_text``.
+The report a client sees (:class:`ReportOut`) names the policy, its content hash, one
+opaque label per concept (:func:`concept_label`: stable, but neither the concept's id nor its
+text), the counts and the verifier outcome. Concept ids are in it only when the operator sets
+``concept_ids: ids`` (trusted clients); concept texts and scales, which would hand clients the
+blocklist, only with ``expose_concept_text``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import unicodedata
 from typing import Literal
 
@@ -28,6 +32,7 @@ __all__ = [
     "ImagesResponse",
     "ReportOut",
     "ServeSettings",
+    "concept_label",
 ]
 
 MAX_SEED = 2**63 - 1
@@ -70,8 +75,20 @@ class ServeSettings(BaseModel):
                     "the answer instead of a connection reset; larger ones are cut off",
     )
     body_timeout_s: float = Field(10.0, gt=0.0, le=3600.0, description="a request body must arrive within this time; else 408")
+    header_timeout_s: float = Field(
+        10.0, gt=0.0, le=3600.0,
+        description="a connection must send a request's complete headers within this time of opening (or of its "
+                    "previous answer); else it is closed (gie-guard serve's uvicorn; see docs/deployment.md)",
+    )
     # disclosure
-    expose_concept_text: bool = Field(False, description="put concept texts and scales in responses (hands clients the blocklist)")
+    concept_ids: Literal["opaque", "ids"] = Field(
+        "opaque", description="what names a concept in responses: 'opaque' (a stable label that is neither its id nor "
+                              "its text; the default) or 'ids' (the policy's concept ids: trusted clients only)")
+    concept_label_key: str = Field(
+        "", max_length=256, repr=False,
+        description="secret mixed into the opaque labels (the same on every replica); without it a label can be "
+                    "matched against guessed ids by hashing them")
+    expose_concept_text: bool = Field(False, description="put concept ids, texts and scales in responses (hands clients the blocklist)")
     replica_header: bool = Field(False, description="name the answering process in an X-Gie-Guard-Replica header")
     # runtime
     torch_threads: int | None = Field(None, ge=1, le=1024, description="torch.set_num_threads in the serving process")
@@ -105,6 +122,15 @@ class ServeSettings(BaseModel):
         if request.response_format == "png" and request.n != 1:
             problems.append(FieldProblem(loc="response_format", problem="'png' returns one image: use n=1, or b64_json"))
         return problems
+
+
+def concept_label(policy: str, concept_id: str, key: str = "") -> str:
+    """The opaque label clients see for ``concept_id`` of policy ``policy``: ``c-`` and 10 hex
+    digits of HMAC-SHA256(``key``, policy and id). Stable across processes, replicas, restarts
+    and edits of the policy that keep the id; the same id in two policies gets two labels.
+    Operators map labels back with ``gie-guard policy labels`` (docs/deployment.md)."""
+    digest = hmac.new(key.encode("utf-8"), f"{policy}\x00{concept_id}".encode("utf-8"), hashlib.sha256).hexdigest()
+    return "c-" + digest[:10]
 
 
 class ImageRequest(BaseModel):
@@ -145,8 +171,10 @@ class ImageRequest(BaseModel):
 
 
 class ConceptOut(BaseModel):
-    """One policy concept in a generation: its id, and whether it was inhibited (at least one
-    step, scale above 0). ``text`` and ``max_scale`` only with ``expose_concept_text``."""
+    """One policy concept in a generation: its label (``id``: opaque by default, see
+    :func:`concept_label`; the policy's concept id with ``concept_ids: ids``), and whether it
+    was inhibited (at least one step, scale above 0). ``text`` and ``max_scale`` only with
+    ``expose_concept_text``."""
 
     id: str
     inhibited: bool

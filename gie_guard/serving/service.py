@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import ContentBlockedError, GuardedCallError
 from ..metrics import GuardMetrics
 from .exposition import multiprocess_dir
-from .schemas import MAX_SEED, ConceptOut, FieldProblem, ImageRequest, ReportOut, ServeSettings
+from .schemas import MAX_SEED, ConceptOut, FieldProblem, ImageRequest, ReportOut, ServeSettings, concept_label
 from .telemetry import ServeTelemetry
 
 if TYPE_CHECKING:
@@ -490,17 +490,26 @@ class ImageService:
 
     def _view(self, report: GuardReport, *, outcome: str, requests: int, images: int,
               blocked: Sequence[str] = ()) -> ReportOut:
-        expose = self.settings.expose_concept_text
+        settings = self.settings
+        expose = settings.expose_concept_text
+        policy = report.policy_name
+
+        def name(concept_id: str) -> str:
+            if expose or settings.concept_ids == "ids":
+                return concept_id
+            return concept_label(policy, concept_id, settings.concept_label_key)
+
         inhibited = bool(report.steps_inhibited)
         concepts = []
         for c in report.concepts:
             scale = max(c.token_scales, default=0.0)
             extra = {"text": c.text, "max_scale": scale} if expose else {}
-            concepts.append(ConceptOut(id=c.id, inhibited=inhibited and scale > 0, **extra))
+            concepts.append(ConceptOut(id=name(c.id), inhibited=inhibited and scale > 0, **extra))
         return ReportOut(
-            policy=report.policy_name, policy_hash=report.policy_hash, outcome=outcome, concepts=concepts,
+            policy=policy, policy_hash=report.policy_hash, outcome=outcome, concepts=concepts,
             concepts_applied=sum(c.inhibited for c in concepts), steps_inhibited=len(report.steps_inhibited),
-            total_steps=report.total_steps, batch_requests=requests, batch_images=images, blocked_concepts=list(blocked),
+            total_steps=report.total_steps, batch_requests=requests, batch_images=images,
+            blocked_concepts=[name(b) for b in blocked],
         )
 
 

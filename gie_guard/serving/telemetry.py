@@ -21,7 +21,9 @@ __all__ = ["REQUEST_OUTCOMES", "ServeTelemetry"]
 #   overloaded  503: more requests than the service admits
 #   not_ready   503: the pipeline is not loaded (yet), or the service is stopping
 #   failed      500: the guarded call failed; nothing was returned (fail closed)
-REQUEST_OUTCOMES = ("ok", "recorded", "blurred", "unknown", "blocked", "invalid", "timeout", "overloaded", "not_ready", "failed")
+#   replica_lost  503 (Ray Serve): the replica holding the request died, and its one retry too
+REQUEST_OUTCOMES = ("ok", "recorded", "blurred", "unknown", "blocked", "invalid", "timeout", "overloaded", "not_ready",
+                    "failed", "replica_lost")
 
 _COUNT_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 _SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -34,6 +36,9 @@ class ServeTelemetry:
         r = registry
         self.requests = Counter("gie_guard_serve_requests_total", "Image requests answered, by outcome.",
                                 ["outcome"], registry=r)
+        self.retries = Counter("gie_guard_serve_retries_total",
+                               "Requests sent again to a live replica after the one holding them died (Ray Serve).",
+                               registry=r)
         self.images = Counter("gie_guard_serve_images_total", "Images returned to clients.", registry=r)
         self.batch_requests = Histogram("gie_guard_serve_batch_requests", "Requests per guarded pipeline call.",
                                         buckets=_COUNT_BUCKETS, registry=r)

@@ -22,6 +22,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
+from ..logs import quiet_loading
 from .text_encoder import SinkTextEncoder, load_tokenizer
 
 WEIGHTS_DIR = pathlib.Path(__file__).parent / "weights"
@@ -109,6 +110,7 @@ def load_vae(weights_dir: str | pathlib.Path | None = None) -> AutoencoderKL:
     return vae
 
 
+@quiet_loading()
 def load_pipeline(
     device: str | torch.device = "cpu",
     weights_dir: str | pathlib.Path | None = None,

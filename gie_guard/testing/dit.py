@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from ..logs import quiet_loading
 from .tokenizers import clip_tokenizer, gemma_tokenizer, t5_tokenizer
 
 if TYPE_CHECKING:
@@ -145,6 +146,7 @@ def _finish(pipe: Any) -> Any:
 FluxKind = Literal["text2img", "img2img", "inpaint", "kontext", "fill"]
 
 
+@quiet_loading()
 def tiny_flux_pipeline(kind: FluxKind = "text2img", *, seed: int = 0, guidance_embeds: bool = False) -> Any:
     """A Flux.1 pipeline (``FluxPipeline``, ``FluxImg2ImgPipeline``, ``FluxInpaintPipeline``,
     ``FluxKontextPipeline`` or ``FluxFillPipeline``), random weights.
@@ -270,6 +272,7 @@ def _sd3(
     return _finish(pipeline_cls(**components))
 
 
+@quiet_loading()
 def tiny_sd3_pipeline(kind: SD3Kind = "text2img", *, seed: int = 0, with_t5: bool = True) -> Any:
     """A Stable Diffusion 3 pipeline (MM-DiT), random weights.
 
@@ -284,6 +287,7 @@ def tiny_sd3_pipeline(kind: SD3Kind = "text2img", *, seed: int = 0, with_t5: boo
     return _sd3(kind, seed=seed, with_t5=with_t5, dual_attention_layers=(), qk_norm=None)
 
 
+@quiet_loading()
 def tiny_sd35_pipeline(kind: SD3Kind = "text2img", *, seed: int = 0, with_t5: bool = True) -> Any:
     """An SD3.5-Medium-style pipeline: as :func:`tiny_sd3_pipeline` with RMS q/k norms and
     ``dual_attention_layers=(0, 1)`` (those blocks also run an image-only self-attention
@@ -295,6 +299,7 @@ def tiny_sd35_pipeline(kind: SD3Kind = "text2img", *, seed: int = 0, with_t5: bo
 # PixArt-Sigma
 
 
+@quiet_loading()
 def tiny_pixart_pipeline(*, seed: int = 0) -> Any:
     """A ``PixArtSigmaPipeline``, random weights.
 
@@ -334,6 +339,7 @@ def tiny_pixart_pipeline(*, seed: int = 0) -> Any:
 # Sana
 
 
+@quiet_loading()
 def tiny_sana_pipeline(*, seed: int = 0) -> Any:
     """A ``SanaPipeline``, random weights.
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from ..logs import quiet_loading
 from .tokenizers import TOKENIZER_MAX_LENGTH, minilm_tokenizer
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ def _scheduler() -> Any:
     )
 
 
+@quiet_loading()
 def tiny_sd_pipeline(
     kind: Literal["text2img", "img2img", "inpaint"] = "text2img",
     *,
@@ -133,6 +135,7 @@ def tiny_sd_pipeline(
     return pipe
 
 
+@quiet_loading()
 def tiny_sdxl_pipeline(
     kind: Literal["text2img", "img2img"] = "text2img",
     *,

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..logs import quiet_loading
 from .unet import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 __all__ = [
@@ -73,6 +74,7 @@ def _controlnet_like(unet: Any, *, seed: int) -> Any:
         return ControlNetModel(**kwargs).eval()
 
 
+@quiet_loading()
 def tiny_sd_controlnet_pipeline(multi: bool = False, *, seed: int = 0, sample_size: int = 8) -> Any:
     """``StableDiffusionControlNetPipeline`` on the tiny SD 1.x pipeline, with one ControlNet
     (or two, as ``MultiControlNetModel``, when ``multi``) mirroring the UNet's down and mid
@@ -89,6 +91,7 @@ def tiny_sd_controlnet_pipeline(multi: bool = False, *, seed: int = 0, sample_si
     return pipe
 
 
+@quiet_loading()
 def tiny_sdxl_controlnet_pipeline(multi: bool = False, *, seed: int = 0, sample_size: int = 8) -> Any:
     """``StableDiffusionXLControlNetPipeline`` on the tiny SDXL pipeline, with one ControlNet
     (two when ``multi``) mirroring the UNet's down and mid blocks, text_time conditioning."""
@@ -105,6 +108,7 @@ def tiny_sdxl_controlnet_pipeline(multi: bool = False, *, seed: int = 0, sample_
     return pipe
 
 
+@quiet_loading()
 def tiny_sd_t2i_adapter_pipeline(*, seed: int = 0, sample_size: int = 8) -> Any:
     """``StableDiffusionAdapterPipeline`` on the tiny SD 1.x pipeline with a full T2I-Adapter
     whose four feature maps match the UNet's four down blocks (channels 32, 32, 64, 64; no
@@ -125,6 +129,7 @@ def tiny_sd_t2i_adapter_pipeline(*, seed: int = 0, sample_size: int = 8) -> Any:
     return pipe
 
 
+@quiet_loading()
 def tiny_sd_pag_pipeline(
     *, seed: int = 0, sample_size: int = 8, pag_applied_layers: str | list[str] = "mid"
 ) -> Any:
@@ -141,6 +146,7 @@ def tiny_sd_pag_pipeline(
     return pipe
 
 
+@quiet_loading()
 def tiny_sdxl_pag_pipeline(
     *, seed: int = 0, sample_size: int = 8, pag_applied_layers: str | list[str] = "mid"
 ) -> Any:
