@@ -206,3 +206,11 @@ def test_models_are_frozen_and_keyword_only():
         policy.name = "y"  # type: ignore[misc]
     with pytest.raises(TypeError):
         Policy("x")  # type: ignore[misc]
+
+
+def test_an_unknown_key_holding_a_colon_is_reported_not_crashed(tmp_path):
+    """Found by the fuzz test: keys with ':' were taken for the scale union's tags and dropped."""
+    path = _write(tmp_path, "v!!python/name:os.system ersion: '1'\nname: x\nconcepts: []\n")
+    with pytest.raises(PolicyError, match="unknown key") as caught:
+        load_policy(path)
+    assert caught.value.line == 1 and caught.value.file == str(path)

@@ -444,3 +444,46 @@ def test_a_service_that_cannot_guard_never_serves():
         assert status == 503 and json.loads(body)["error"]["code"] == "not_ready"
     finally:
         running.stop()
+
+
+def test_readyz_shows_a_policy_change_waiting_for_a_retry(sd_pipe, tmp_path):
+    """An embedder that fails for a while (not the policy's content): the reload is retried by
+    itself, /readyz stays 200 on the last good policy and says a change is pending until it lands."""
+    from gie_guard.policy.dedup import default_embedder
+
+    class Flaky:
+        def __init__(self):
+            self.real = default_embedder()
+            self.down = False
+
+        def encode(self, texts):
+            if self.down:
+                raise RuntimeError("embedding service unavailable")
+            return self.real.encode(texts)
+
+    flaky = Flaky()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("name: live\nconcepts:\n  - {id: beach, text: beach, scale: 2.0}\n")
+    service = ImageService(lambda: sd_pipe, lambda metrics: Guard(policy=str(policy), metrics=metrics, embedder=flaky,
+                                                                  exclusive=False), SETTINGS)
+    running = Running(create_app(service))
+    try:
+        first = wait_ready(running.port)
+        assert first["policy_reload"]["pending"] is False
+        flaky.down = True
+        policy.write_text("name: live\nconcepts:\n  - {id: beach, text: beach, scale: 2.0}\n"
+                          "  - {id: tide, text: a tide pool full of starfish, scale: 2.0}\n")
+        assert service.guard.reload() is False
+        status, _, body = request(running.port, "GET", "/readyz")
+        info = json.loads(body)
+        assert status == 200 and info["policy_hash"] == first["policy_hash"]
+        assert info["policy_reload"]["pending"] is True and info["policy_reload"]["last_result"] == "failure"
+        flaky.down = False
+        deadline = time.monotonic() + 60
+        while json.loads(request(running.port, "GET", "/readyz")[2])["policy_reload"]["pending"]:
+            assert time.monotonic() < deadline, "the pending reload was never retried"
+            time.sleep(0.1)
+        info = json.loads(request(running.port, "GET", "/readyz")[2])
+        assert info["policy_hash"] != first["policy_hash"] and info["policy_reload"]["last_result"] == "success"
+    finally:
+        running.stop()

@@ -41,6 +41,10 @@ __all__ = ["Embedder", "SentenceTransformerEmbedder", "deduplicate", "default_em
 log = logging.getLogger("gie_guard.policy")
 
 
+class EmbeddingUnavailable(PolicyError):
+    """The embedder failed: not a problem of the policy's content, so a reload retries it."""
+
+
 @runtime_checkable
 class Embedder(Protocol):
     """Texts to unit vectors. Any object with this method works."""
@@ -220,7 +224,7 @@ def deduplicate(
         vectors = _unit_rows([c.text for c in concepts], embedder or default_embedder(), cache_dir)
     except Exception as exc:
         # Fail closed with a GuardError the caller already handles, and say how to opt out.
-        raise PolicyError(
+        raise EmbeddingUnavailable(
             f"deduplication could not embed the concept texts ({type(exc).__name__}: {exc}); "
             "set dedup_threshold: 0 to load the policy without deduplication"
         ) from exc

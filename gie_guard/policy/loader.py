@@ -322,11 +322,16 @@ class PolicyValidationError(PolicyError):
         self.problems = tuple(problems)
 
 
+_UNION_TAGS = frozenset({"scale:number", "scale:word", "scale:mapping"})
+
+
 def _problems(exc: ValidationError, data: dict[str, Any], doc: PolicyDocument | None) -> list[PolicyError]:
     found = []
     for err in exc.errors():
         ctx = err.get("ctx") or {}
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ":" in p))
+        # drop the scale union's discriminator tags ("scale:number"), never a key of the file
+        # (a key may hold ':' too: "v!!python/name:os.system ersion" once crashed this)
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
         path = loc + tuple(ctx["path"]) if "path" in ctx else loc  # ctx paths are relative to the model
         kind = err["type"]
         is_key = kind == "extra_forbidden"

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from ..errors import PolicyError
 from ..limits import MAX_CONCEPTS
-from .dedup import Embedder, deduplicate
+from .dedup import Embedder, EmbeddingUnavailable, deduplicate
 from .embedcache import CacheDir
 from .files import file_fingerprint
 from .loader import FlatPolicy, PolicySource, Roots, read_policy
@@ -81,7 +81,7 @@ def _compile(flat: FlatPolicy, embedder: Embedder | None, digest: str | None = N
     except PolicyError as exc:
         if exc.file is not None:
             raise
-        raise PolicyError(exc.problem, file=flat.source, place="concepts") from exc.__cause__
+        raise type(exc)(exc.problem, file=flat.source, place="concepts") from exc.__cause__
     if len(kept) > MAX_CONCEPTS:
         raise PolicyError(
             f"{len(kept):,} concepts after deduplication ({len(candidates):,} texts before); a policy may apply at "
@@ -313,7 +313,7 @@ class PolicyStore:
                                        "log); retrying", file=flat.source)
             self._fingerprint = fingerprint
             self._state = self._counted(result, error, started)
-            self._schedule_retry(isinstance(error, _Transient))
+            self._schedule_retry(isinstance(error, (_Transient, EmbeddingUnavailable)))
             snapshot = self._current
         if error is not None:
             log.warning("policy reload failed, keeping %r (%s): %s", snapshot.name, snapshot.content_hash[:12], error)

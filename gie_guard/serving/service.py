@@ -253,6 +253,11 @@ class ImageService:
         if self.guard is not None:
             snapshot = self.guard.snapshot
             info.update(policy=snapshot.name, policy_hash=snapshot.content_hash)
+            reloads = self.guard.store.state
+            # a change that failed for a reason other than its content waits for a retry: the
+            # last good policy serves meanwhile, so readiness stays, and the operator sees it here
+            info["policy_reload"] = {"last_result": reloads.last_result, "pending": reloads.pending,
+                                     "pending_since": reloads.pending_since, "retries": reloads.retries}
         if self._state == "failed":
             info["error"] = self._error
         return info
