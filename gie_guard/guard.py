@@ -177,6 +177,8 @@ class Guard:
         # the store starts its watcher last; if anything after it fails, it is stopped
         self._store = PolicyStore(policy, watch=watch, embedder=embedder, roots=policy_roots, validate=self._validate)
         self._owner.label += f" (policy {self._store.current.name!r})"
+        # a guard nobody holds any more (no wrapper refers to it) guards nothing: it owns nothing
+        weakref.finalize(self, ownership.Owner.close, self._owner)
         try:
             self._metrics.track(self._store, guard=name, plans=self._plans)
         except BaseException:
@@ -205,7 +207,7 @@ class Guard:
 
     def close(self) -> None:
         """Stop watching the policy file and release every pipeline this guard owns."""
-        self._owner.closed = True  # copies of owned models, too, are free of this guard now
+        self._owner.close()  # copies of owned models, too, are free of this guard now
         with self._owned_lock:
             owned = [(pipe, list(models)) for pipe, models in self._owned.items()]
             self._owned.clear()

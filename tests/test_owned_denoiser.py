@@ -256,3 +256,15 @@ def test_an_sdxl_refiner_on_the_base_components_is_owned_and_one_with_its_own_un
     assert own_unet(**args).images.shape[0] == 1  # a denoiser of its own is a pipeline of its own: wrap it too
     assert guard.wrap(own_unet)(**args).guard_report.steps_inhibited
     guard.close()
+
+
+def test_a_guard_that_is_gone_owns_nothing(pipe, unguarded):
+    import gc
+
+    wrapped = Guard(policy=STRONG).wrap(pipe)
+    with pytest.raises(UnguardedUseError):
+        run(pipe)
+    del wrapped  # the wrapper was the last reference to its guard
+    gc.collect()
+    assert not ownership.is_owned(pipe.unet)
+    assert np.array_equal(run(pipe), unguarded)

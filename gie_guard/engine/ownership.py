@@ -43,6 +43,9 @@ class Owner:
         self.label = label
         self.closed = False
 
+    def close(self) -> None:
+        self.closed = True
+
     def __copy__(self) -> Owner:
         return self
 
