@@ -268,3 +268,47 @@ def test_a_guard_that_is_gone_owns_nothing(pipe, unguarded):
     gc.collect()
     assert not ownership.is_owned(pipe.unet)
     assert np.array_equal(run(pipe), unguarded)
+
+
+def test_a_model_saved_while_owned_loads_as_a_new_unowned_model(pipe, guard):
+    import io
+
+    guard.wrap(pipe)
+    buffer = io.BytesIO()
+    torch.save(pipe.unet, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert not ownership.is_owned(loaded)
+    assert raw_unet_call(type("P", (), {"unet": loaded})()).sample.shape[0] == 1
+    with pytest.raises(UnguardedUseError):
+        raw_unet_call(pipe)  # the original stays owned
+
+
+def test_another_thread_cannot_use_the_denoiser_while_a_guarded_call_runs(pipe, guard):
+    import threading
+
+    wrapped = guard.wrap(pipe)
+    inside, done = threading.Event(), threading.Event()
+    outcome = []
+
+    def pause(pipeline, step, timestep, kwargs):
+        if step == 0:
+            inside.set()
+            done.wait(60)
+        return {}
+
+    def other():
+        inside.wait(60)
+        try:
+            raw_unet_call(pipe)  # while the guarded call is inside its denoising loop
+            outcome.append("ran")
+        except UnguardedUseError:
+            outcome.append("refused")
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    out = run(wrapped, callback_on_step_end=pause)
+    thread.join(60)
+    assert outcome == ["refused"] and out.shape[0] == 1

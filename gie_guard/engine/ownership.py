@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import types
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -29,7 +28,6 @@ from ..errors import UnguardedUseError
 __all__ = ["Owner", "inside", "is_owned", "own", "owners_of", "release"]
 
 _OWNERS_ATTR = "_gie_guard_owners"
-_PREVIOUS_ATTR = "_gie_guard_previous_forward"
 _LOCK = threading.Lock()
 _EVER_OWNED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # for the test suite's clean-up only
 _INSIDE = threading.local()  # .counts: {id(module): depth} of guarded calls in this thread
@@ -72,6 +70,10 @@ class _Claims:
     def __copy__(self) -> _Claims:
         return _Claims(dict(self.counts))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # a model saved and loaded again (torch.save, pickle) is a new model: nobody owns it
+        return (_Claims, ())
+
 
 def _claims(module: torch.nn.Module) -> _Claims | None:
     found = module.__dict__.get(_OWNERS_ATTR)
@@ -94,23 +96,35 @@ def _check_hook(module: torch.nn.Module, _args: Any) -> None:
     _refuse_outside_guarded_calls(module)
 
 
-def _owned_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-    _refuse_outside_guarded_calls(self)
-    previous = self.__dict__.get(_PREVIOUS_ATTR)
-    entered: set[int] = _INSIDE.__dict__.setdefault("forwarding", set())
-    if previous is None or id(self) in entered:
-        # Re-entered through a wrapper that saved this check as the forward it wraps (accelerate's
-        # hooks added while the module was owned, the module owned again later): the chain ends here.
-        return type(self).forward(self, *args, **kwargs)
-    entered.add(id(self))
-    try:
-        return previous(*args, **kwargs)
-    finally:
-        entered.discard(id(self))
+class _CheckedForward:
+    """The owned module's ``forward`` (set on the instance): the check, then the forward it
+    replaced (another library's wrapper) or the class's. An object rather than a bound method
+    so that a module saved while owned (``torch.save``) loads again, and deep copies rebind."""
+
+    def __init__(self, module: torch.nn.Module, previous: Any) -> None:
+        self.module = module
+        self.previous = previous
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.module
+        _refuse_outside_guarded_calls(module)
+        entered: set[int] = _INSIDE.__dict__.setdefault("forwarding", set())
+        if self.previous is None or id(module) in entered:
+            # Re-entered through a wrapper that saved this check as the forward it wraps (accelerate's
+            # hooks added while the module was owned, the module owned again later): the chain ends here.
+            return type(module).forward(module, *args, **kwargs)
+        entered.add(id(module))
+        try:
+            return self.previous(*args, **kwargs)
+        finally:
+            entered.discard(id(module))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_CheckedForward, (self.module, self.previous))
 
 
 def _is_ours(value: Any) -> bool:
-    return isinstance(value, types.MethodType) and value.__func__ is _owned_forward
+    return isinstance(value, _CheckedForward)
 
 
 def own(module: torch.nn.Module, owner: Owner) -> None:
@@ -125,10 +139,9 @@ def own(module: torch.nn.Module, owner: Owner) -> None:
         if _check_hook not in module._forward_pre_hooks.values():
             module.register_forward_pre_hook(_check_hook, prepend=True)
         current = module.__dict__.get("forward")
-        if not _is_ours(current) and not _is_ours(module.__dict__.get(_PREVIOUS_ATTR)):
+        if not _is_ours(current):
             # an instance-level forward set before (accelerate's hooks) is kept and called after the check
-            object.__setattr__(module, _PREVIOUS_ATTR, current)
-            object.__setattr__(module, "forward", types.MethodType(_owned_forward, module))
+            object.__setattr__(module, "forward", _CheckedForward(module, current))
 
 
 def release(module: torch.nn.Module, owner: Owner) -> None:
@@ -145,12 +158,12 @@ def release(module: torch.nn.Module, owner: Owner) -> None:
         del module.__dict__[_OWNERS_ATTR]
         for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _check_hook]:
             del module._forward_pre_hooks[key]
-        if _is_ours(module.__dict__.get("forward")):
-            previous = module.__dict__.pop(_PREVIOUS_ATTR, None)
-            if previous is None:
+        checked = module.__dict__.get("forward")
+        if isinstance(checked, _CheckedForward):
+            if checked.previous is None:
                 del module.__dict__["forward"]
             else:
-                object.__setattr__(module, "forward", previous)
+                object.__setattr__(module, "forward", checked.previous)
         # else another library wrapped forward on top of the check: it stays, and passes calls through
 
 
