@@ -1,6 +1,6 @@
 """Quality gate and attention locality of the two-cell world's model (world_two.py).
 
-    python -m gie_guard.shapes.quality_two [--n 100] [--seed 1000] [--weights DIR] [--locality-n 12]
+    python -m gie_guard.shapes.quality_two [--n 100] [--seed 1000] [--weights DIR] [--locality-n 12] [--backbone dit]
 
 Quality, per thing at its place, judged cell by cell by the one-thing detector
 (detector.detect_cells), on prompts of five forms:
@@ -11,7 +11,8 @@ Quality, per thing at its place, judged cell by cell by the one-thing detector
 - "two, no place": "A and B" (A is on the left, as in training).
 
 Locality: for each thing's words (colour, style, shape tokens), the cross-attention mass
-(mean over heads and the 20 denoising steps, conditional row) on its own cell and on the
+(mean over heads and the 20 denoising steps, conditional row; on the transformer, image
+queries' joint attention to the token, per block) on its own cell and on the
 other cell, per cross-attention layer; the table gives mean own mass / mean other mass
 over the tokens of `--locality-n` prompts per form. Cells are halves of the latent, so
 this is also the ratio of mean attention per pixel. For "one, no place" prompts the own
@@ -32,7 +33,7 @@ from .model import load_pipeline
 from .quality import GUIDANCE, STEPS, prompt_for
 from .train_two import MapRecorder, cell_masks, token_cells
 from .world import COLOURS, SHAPES, STYLES, Thing
-from .world_two import CELLS, Caption, compose
+from .world_two import CELLS, HEIGHT, WIDTH, Caption, compose
 
 FORMS = ("one, placed", "one, no place", "two, left-right", "two, right-left", "two, no place")
 TARGET = {"quality": 0.90, "locality": 2.5}
@@ -78,8 +79,8 @@ def generate(pipe: Any, prompts: list[str], seed: int, batch: int = 20) -> np.nd
     out = []
     for i in range(0, len(prompts), batch):
         gens = [torch.Generator().manual_seed(seed + j) for j in range(i, min(i + batch, len(prompts)))]
-        images = pipe(prompts[i : i + batch], num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                      generator=gens, output_type="np").images
+        images = pipe(prompts[i : i + batch], num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=HEIGHT,
+                      width=WIDTH, generator=gens, output_type="np").images
         out.append(np.round(images * 255).astype(np.uint8))
     return np.concatenate(out)
 
@@ -127,19 +128,46 @@ def _attn2_names(pipe: Any) -> list[str]:
 
 @torch.no_grad()
 def record_maps(pipe: Any, prompt: str, seed: int) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-    """Per cross-attention layer (by name): the conditional row's attention (N, T), mean
-    over heads and the denoising steps; and the generated image (32, 64, 3) uint8."""
+    """Per cross-attention layer (UNet) or joint-attention block (transformer), by name:
+    the conditional row's attention of image queries to text keys (N, T), mean over heads
+    and the denoising steps; and the generated image (32, 64, 3) uint8. For the transformer,
+    T is the CLIP slot (its positions are the tokenizer's) and the attention is the joint
+    softmax's share over [image; text] keys."""
+    if hasattr(pipe, "transformer"):
+        return _record_joint(pipe, prompt, seed)
     recorders = {n: MapRecorder() for n in _attn2_names(pipe)}
     saved = pipe.unet.attn_processors
     pipe.unet.set_attn_processor({n: recorders.get(n, p) for n, p in saved.items()})
     try:
-        image = pipe(prompt, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                     generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+        image = _one_image(pipe, prompt, seed)
     finally:
         pipe.unet.set_attn_processor(saved)
     # each recorded map is (2, N, T): [unconditional, conditional] rows of classifier-free guidance
     maps = {n.removesuffix(".processor"): torch.stack([m[-1] for m in r.maps]).mean(0) for n, r in recorders.items()}
-    return maps, np.round(image * 255).astype(np.uint8)
+    return maps, image
+
+
+def _one_image(pipe: Any, prompt: str, seed: int) -> np.ndarray:
+    image = pipe(prompt, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=HEIGHT, width=WIDTH,
+                 generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+    return np.round(image * 255).astype(np.uint8)
+
+
+def _record_joint(pipe: Any, prompt: str, seed: int) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    from .dit_attention import RecordingJointProcessor
+
+    records: list[torch.Tensor] = []  # per block call, step-major: (S, S) of the conditional row
+    saved = pipe.transformer.attn_processors
+    pipe.transformer.set_attn_processor(RecordingJointProcessor(records))
+    try:
+        image = _one_image(pipe, prompt, seed)
+    finally:
+        pipe.transformer.set_attn_processor(saved)
+    blocks = len(pipe.transformer.transformer_blocks)
+    n = (HEIGHT // pipe.vae_scale_factor) * (WIDTH // pipe.vae_scale_factor)  # image tokens (patch size 1)
+    t = pipe.tokenizer.model_max_length  # the CLIP slot comes first among the text keys
+    maps = {f"block {b}": torch.stack(records[b::blocks]).mean(0)[:n, n : n + t] for b in range(blocks)}
+    return maps, image
 
 
 def _short(name: str) -> str:
@@ -147,9 +175,10 @@ def _short(name: str) -> str:
 
 
 def forward_order(names: list[str]) -> list[str]:
-    """Layer names in the order the UNet calls them: down blocks, mid block, up blocks."""
-    rank = {"down": 0, "mid": 1, "up": 2}
-    return sorted(names, key=lambda n: (rank[n.split("_")[0]], n))
+    """Layer names in the order the UNet calls them: down blocks, mid block, up blocks
+    (transformer blocks "block 0".. keep their order)."""
+    rank = {"down": 0, "mid": 1, "up": 2, "block 0": 3}
+    return sorted(names, key=lambda n: (rank.get(n.split("_")[0], 3), n))
 
 
 def caption_masses(pipe: Any, caption: Caption, seed: int = 0,
@@ -167,7 +196,7 @@ def caption_masses(pipe: Any, caption: Caption, seed: int = 0,
         cells = torch.zeros_like(cells)
         if len(drawn) == 1:
             cells[named, CELLS.index(drawn[0])] = 1.0
-    latent_hw = tuple(pipe.unet.config.sample_size)
+    latent_hw = (HEIGHT // pipe.vae_scale_factor, WIDTH // pipe.vae_scale_factor)
     tokens = torch.nonzero(cells.sum(-1)).flatten()
     out: dict[str, tuple[list[float], list[float]]] = {}
     for name, m in maps.items():  # m: (N, T)
@@ -206,13 +235,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--weights", type=pathlib.Path, default=None, help="a training run's folder (default: weights/two/)")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--backbone", choices=("unet", "dit"), default="unet")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(world="two", weights_dir=args.weights)
+    pipe = load_pipeline(world="two", weights_dir=args.weights, backbone=args.backbone)
     if not args.skip_quality:
         detector = load_detector()
-        print(f"quality per thing at its place ({STEPS} DDIM steps, guidance {GUIDANCE}, target {TARGET['quality']}):")
+        print(f"quality per thing at its place ({STEPS} steps of {type(pipe.scheduler).__name__}, guidance {GUIDANCE}, "
+              f"target {TARGET['quality']}):")
         print(f"{'form':18s} {'shape':>6s} {'colour':>6s} {'style':>6s} {'all':>6s} {'layout':>6s} {'n':>4s}")
         for form, row in quality_two(pipe, detector, args.n, args.seed).items():
             print(f"{form:18s} {row['shape']:6.3f} {row['colour']:6.3f} {row['style']:6.3f} {row['all']:6.3f} "
