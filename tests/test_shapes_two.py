@@ -77,8 +77,15 @@ def test_captions_name_places_in_both_orders():
     rl = caption_for(scene, rng, form="right-left")
     assert rl.text.endswith(" on the left") and " on the right and a " in rl.text
     assert [c for c, _ in _named(rl)] == ["right", "left"]
-    none = caption_for(scene, rng, form="no-place")
-    assert "on the" not in none.text and [c for c, _ in _named(none)] == ["left", "right"]
+    assert [(c, lr.text[a:z]) for c, a, z in lr.places] == [("left", "left"), ("right", "right")]
+    assert [(c, rl.text[a:z]) for c, a, z in rl.places] == [("right", "right"), ("left", "left")]
+    # no places: the order is random, so it says nothing of where each thing goes
+    orders = set()
+    for _ in range(20):
+        none = caption_for(scene, rng, form="no-place")
+        assert "on the" not in none.text and none.places == () and " and a " in none.text
+        orders.add(tuple(c for c, _ in _named(none)))
+    assert orders == {("left", "right"), ("right", "left")}
     for cap in (lr, rl, none):
         words = dict(_named(cap))
         assert any(w in words["left"] for w in ("red", "crimson"))
@@ -128,6 +135,10 @@ def test_token_cells_mark_each_things_words(tokenizer):
         if word in ("blue", "navy", "square", "box", "striped"):
             assert cell == "right"
     assert cells[1].sum() == 0  # an empty caption grounds nothing
+    with_places = token_cells(tokenizer, [cap], places=True)[0]
+    extra = {tokens[t]: CELLS[int(with_places[t].argmax())]
+             for t in torch.nonzero(with_places.sum(-1) - cells[0].sum(-1)).flatten()}
+    assert extra == {"left": "left", "right": "right"}
 
 
 def test_cell_masks_split_every_layer_in_halves():
@@ -165,6 +176,7 @@ def test_unknown_world_is_refused():
 def test_packaged_two_world_model_generates_a_canvas():
     meta = json.loads((WORLDS["two"] / "model.json").read_text())
     assert meta["world"] == "two" and meta["sample_size"] == [8, 16] and meta["steps"] > 0
+    assert meta["warm_start_run"]["steps"] > 0  # the chained first run's record
     pipe = load_pipeline(world="two")
     image = pipe("a red circle on the left and a blue square on the right", num_inference_steps=4,
                  generator=torch.Generator().manual_seed(0), output_type="np").images[0]

@@ -8,7 +8,8 @@ Quality, per thing at its place, judged cell by cell by the one-thing detector
 - "one, placed":   "a red circle on the left": shape, colour, style in the named cell, other cell empty;
 - "one, no place": "a red circle": the same in whichever cell is drawn, exactly one cell drawn;
 - "two, left-right", "two, right-left": "A on the left and B on the right" and its reverse;
-- "two, no place": "A and B" (A is on the left, as in training).
+- "two, no place": "A and B", which says nothing of places (training names such pairs in
+  random order): judged in whichever arrangement matches more attributes.
 
 Locality: for each thing's words (colour, style, shape tokens), the cross-attention mass
 (mean over heads and the 20 denoising steps, conditional row; on the transformer, image
@@ -22,7 +23,9 @@ cell is the one the model drew in.
 from __future__ import annotations
 
 import argparse
+import functools
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -85,17 +88,30 @@ def generate(pipe: Any, prompts: list[str], seed: int, batch: int = 20) -> np.nd
     return np.concatenate(out)
 
 
+def arrangement(want: dict[str, Thing | None], found: dict[str, set[str]]) -> dict[str, Thing | None]:
+    """`want` or its mirror image, whichever matches more of the attributes found per cell
+    (for prompts that name no places)."""
+    mirror = {"left": want["right"], "right": want["left"]}
+
+    def hits(w: dict[str, Thing | None]) -> int:
+        return sum(len(t.words() & found[c]) for c, t in w.items() if t is not None)
+
+    return mirror if hits(mirror) > hits(want) else want
+
+
 def judge(form: str, want: dict[str, Thing | None], found: dict[str, set[str]]) -> dict[str, list[bool]]:
     """Per attribute kind, one verdict per thing the prompt names; plus "layout": the
     right cells drawn (the other cell empty for one thing, both drawn for two)."""
+    if form == "two, no place":
+        want = arrangement(want, found)
     if form == "one, no place":
         drawn = [c for c in CELLS if found[c]]
         cell = drawn[0] if len(drawn) == 1 else ("left" if len(found["left"]) >= len(found["right"]) else "right")
         thing = want[cell]
         assert thing is not None
-        verdicts = {k: [getattr(thing, k) in found[cell]] for k in ("shape", "colour", "style")}
-        verdicts["layout"] = [len(drawn) == 1]
-        return verdicts
+        one = {k: [getattr(thing, k) in found[cell]] for k in ("shape", "colour", "style")}
+        one["layout"] = [len(drawn) == 1]
+        return one
     verdicts: dict[str, list[bool]] = {k: [] for k in ("shape", "colour", "style")}
     for cell, thing in want.items():
         if thing is not None:
@@ -150,7 +166,8 @@ def record_maps(pipe: Any, prompt: str, seed: int) -> tuple[dict[str, torch.Tens
 def _one_image(pipe: Any, prompt: str, seed: int) -> np.ndarray:
     image = pipe(prompt, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=HEIGHT, width=WIDTH,
                  generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
-    return np.round(image * 255).astype(np.uint8)
+    pixels: np.ndarray = np.round(image * 255).astype(np.uint8)
+    return pixels
 
 
 def _record_joint(pipe: Any, prompt: str, seed: int) -> tuple[dict[str, torch.Tensor], np.ndarray]:
@@ -181,14 +198,18 @@ def forward_order(names: list[str]) -> list[str]:
     return sorted(names, key=lambda n: (rank.get(n.split("_")[0], 3), n))
 
 
-def caption_masses(pipe: Any, caption: Caption, seed: int = 0,
-                   cell_of_drawn: bool = False) -> tuple[dict[str, tuple[list[float], list[float]]], np.ndarray]:
+def caption_masses(pipe: Any, caption: Caption, seed: int = 0, cell_of_drawn: bool = False,
+                   mirrored: Callable[[np.ndarray], bool] | None = None) -> tuple[dict[str, tuple[list[float], list[float]]], np.ndarray]:
     """Per layer, for each token of a named thing: its attention mass on its own cell and
     on the other cell (mean over heads and steps). With `cell_of_drawn` (a one-thing prompt
     with no place), the own cell is the one drawn in the generated image; an image with
-    no cell or both cells drawn gives no tokens."""
+    no cell or both cells drawn gives no tokens. `mirrored` (a function of the generated
+    image, for two things with no places): True when the things were drawn the other way
+    round from the caption's cells, which are then swapped."""
     maps, image = record_maps(pipe, caption.text, seed)
     cells = token_cells(pipe.tokenizer, [caption])[0]  # (T, 2)
+    if mirrored is not None and mirrored(image):
+        cells = cells.flip(-1)
     if cell_of_drawn:
         empty = empty_cells(image[None])
         drawn = [c for c in CELLS if not empty[c][0]]
@@ -207,7 +228,12 @@ def caption_masses(pipe: Any, caption: Caption, seed: int = 0,
     return out, image
 
 
-def locality(pipe: Any, n: int = 12, seed: int = 1000) -> dict[str, dict[str, float]]:
+def _is_mirrored(detector: Detector, want: dict[str, Thing | None], image: np.ndarray) -> bool:
+    """Whether `image` (32, 64, 3) shows `want`'s things the other way round."""
+    return arrangement(want, detect_cells(detector, image[None])[0]) is not want
+
+
+def locality(pipe: Any, n: int = 12, seed: int = 1000, detector: Detector | None = None) -> dict[str, dict[str, float]]:
     """{form: {layer: own-cell / other-cell attention}} for every form: the thing tokens'
     mean mass on their own cell over their mean mass on the other cell, over n prompts
     (a ratio of means: a token with almost nothing on the other cell cannot dominate)."""
@@ -216,8 +242,12 @@ def locality(pipe: Any, n: int = 12, seed: int = 1000) -> dict[str, dict[str, fl
         rng = np.random.default_rng(seed + 100 + k)
         own: dict[str, list[float]] = {}
         other: dict[str, list[float]] = {}
-        for i, (cap, _) in enumerate(prompt_set(form, n, rng)):
-            masses, _ = caption_masses(pipe, cap, seed + 20_000 + 100 * k + i, cell_of_drawn=form == "one, no place")
+        for i, (cap, want) in enumerate(prompt_set(form, n, rng)):
+            mirrored = None
+            if form == "two, no place":  # which way round the things were drawn decides their own cells
+                mirrored = functools.partial(_is_mirrored, detector or load_detector(), want)
+            masses, _ = caption_masses(pipe, cap, seed + 20_000 + 100 * k + i,
+                                       cell_of_drawn=form == "one, no place", mirrored=mirrored)
             for name, (o, x) in masses.items():
                 own.setdefault(name, []).extend(o)
                 other.setdefault(name, []).extend(x)
@@ -248,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         for form, row in quality_two(pipe, detector, args.n, args.seed).items():
             print(f"{form:18s} {row['shape']:6.3f} {row['colour']:6.3f} {row['style']:6.3f} {row['all']:6.3f} "
                   f"{row['layout']:6.3f} {int(row['n']):4d}", flush=True)
-    table = locality(pipe, args.locality_n, args.seed)
+    table = locality(pipe, args.locality_n, args.seed, load_detector())
     print(f"\nlocality: own cell / other cell attention of a thing's tokens (mean over heads, steps; "
           f"target {TARGET['locality']}), {args.locality_n} prompts per form:")
     layers = list(next(iter(table.values())))

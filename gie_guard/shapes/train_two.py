@@ -42,7 +42,9 @@ from transformers import PreTrainedTokenizerBase
 from .model import WEIGHTS_DIR, load_vae, new_unet, train_scheduler
 from .text_encoder import SinkTextEncoder, load_tokenizer
 from .train import P_EMPTY, Log, TokenStates, compress_context, half_state, optimizer_step, to_tensor
-from .world_two import CELLS, P_TWO, Caption, TwoScene, caption_for, render_two, sample_two_scene
+from .world_two import (
+    CELLS, P_SINGLE_PLACE, P_TWO, TWO_FORMS, Caption, TwoScene, caption_for, render_two, sample_two_scene,
+)
 
 LATENT_HW = (8, 16)  # 32x64 canvas / 4
 
@@ -60,10 +62,13 @@ def build_two_pool(
     return scenes, torch.cat(chunks) * scale
 
 
-def token_cells(tokenizer: PreTrainedTokenizerBase, captions: list[Caption | None]) -> torch.Tensor:
+def token_cells(
+    tokenizer: PreTrainedTokenizerBase, captions: list[Caption | None], places: bool = False
+) -> torch.Tensor:
     """(B, T, 2) one-hot: which cell each token's thing is in (zero rows: tokens that name no
     thing, special tokens, empty captions). A token belongs to a thing when its first
-    character lies in that thing's span."""
+    character lies in that thing's span; with `places`, the place words ("left", "right")
+    are marked with their cell too."""
     length = tokenizer.model_max_length
     out = torch.zeros(len(captions), length, len(CELLS))
     for b, cap in enumerate(captions):
@@ -73,7 +78,7 @@ def token_cells(tokenizer: PreTrainedTokenizerBase, captions: list[Caption | Non
         for t, (s, e) in enumerate(enc["offset_mapping"]):
             if e <= s:  # special token
                 continue
-            for cell, a, z in cap.spans:
+            for cell, a, z in cap.spans + (cap.places if places else ()):
                 if a <= s < z:
                     out[b, t, CELLS.index(cell)] = 1.0
     return out
@@ -152,7 +157,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "scaling_factor": scale,
         "vae": "shared: weights/vae.safetensors",
         "warm_start": "shipped weights/ (unet, sink)" if args.warm_start is None else str(args.warm_start),
+        "warm_start_run": (json.loads((warm / "model.json").read_text())
+                           if args.warm_start is not None and (warm / "model.json").exists() else None),
         "ground": args.ground,
+        "ground_places": bool(args.ground_places),
+        "two_forms": TWO_FORMS,
+        "single_place": P_SINGLE_PLACE,
         "p_two": args.p_two,
         "seed": args.seed,
         "batch": args.batch,
@@ -180,12 +190,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         })
     params = list(unet.parameters()) + [encoder.sink]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    warmup = min(50, args.steps)
+    warmup: int = min(50, int(args.steps))
 
     def lr_at(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
+        return float(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup))))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     noise_sched = train_scheduler()
@@ -221,7 +231,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         loss = F.mse_loss(unet(xt, t, context, encoder_attention_mask=mask).sample, noise)
         total = loss
         if args.ground > 0:
-            g = grounding_loss(recorder.maps, token_cells(tokenizer, caps))
+            g = grounding_loss(recorder.maps, token_cells(tokenizer, caps, places=args.ground_places))
             total = loss + args.ground * g
             ground_running = g.item() if ground_running is None else 0.98 * ground_running + 0.02 * g.item()
         optimizer_step(total, opt, sched, params, averages, step)
@@ -251,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pool", type=int, default=16000, help="scenes (canvases) the UNet trains on")
     ap.add_argument("--p-two", type=float, default=P_TWO, help="share of scenes with a thing in each cell")
     ap.add_argument("--ground", type=float, default=1.0, help="weight of the grounding loss (0: off)")
+    ap.add_argument("--ground-places", type=int, choices=(0, 1), default=1,
+                    help="1: the grounding loss also grounds the place words (left, right) to their cell")
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--warm-start", type=pathlib.Path, default=None,
                     help="folder with unet.safetensors and sink.safetensors (default: the shipped weights/)")

@@ -6,15 +6,21 @@ each cell unchanged (detector.detect_cells).
 Captions name places so the model has to bind each phrase to its cell:
 
 - two things (share ``p_two``): "A on the left and B on the right", the same in the other
-  order ("B on the right and A on the left"), or "A and B" with no places, which always
-  names the left thing first (the model learns "first named = left");
+  order ("B on the right and A on the left"), or "A and B" with no places, naming the two
+  in random order (places unspecified: neither order nor words tell where each goes);
 - one thing (the rest): "A on the left" / "A on the right", or "A" alone (then the thing
   is in either cell, at random), so one-thing prompts stay in distribution; the other
   cell is empty.
 
+Why random order without places: a first run named the left thing first in every
+place-less caption, so "first named = left" held for 70 % of two-thing captions; by 500
+steps the UNet had learned that shortcut instead of the place words (a "B on the right
+and A on the left" prompt drew them swapped; docs/shapes.md).
+
 Every caption comes with the character span of each thing's words (its phrase without
-the leading "a"), so training can ground those tokens to their cell (train_two.py) and
-measurements know which tokens belong where (quality_two.py).
+the leading "a") and of each place word ("left", "right"), so training can ground those
+tokens to their cell (train_two.py) and measurements know which tokens belong where
+(quality_two.py).
 """
 
 from __future__ import annotations
@@ -28,9 +34,9 @@ from .world import SIZE, Scene, Thing, background_tint, describe_thing, render, 
 CELLS = ("left", "right")
 HEIGHT, WIDTH = SIZE, 2 * SIZE  # the canvas: 32 rows, 64 columns
 P_TWO = 0.5  # share of scenes with a thing in each cell
-# caption forms of a two-thing scene: places left-right, right-left, none (left named first)
-TWO_FORMS = {"left-right": 0.4, "right-left": 0.3, "no-place": 0.3}
-P_SINGLE_PLACE = 0.6  # share of one-thing captions that say where the thing is
+# caption forms of a two-thing scene: places left-right, right-left, none (random order)
+TWO_FORMS = {"left-right": 0.35, "right-left": 0.35, "no-place": 0.3}
+P_SINGLE_PLACE = 0.7  # share of one-thing captions that say where the thing is
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,8 @@ class Caption:
     text: str
     # per thing named: (cell, start, end), the characters of its words in `text`
     spans: tuple[tuple[str, int, int], ...]
+    # per place word ("left", "right"): (cell, start, end) in `text`
+    places: tuple[tuple[str, int, int], ...] = ()
 
 
 def sample_two_scene(rng: np.random.Generator, p_two: float = P_TWO) -> TwoScene:
@@ -73,14 +81,20 @@ def render_two(scene: TwoScene, rng: np.random.Generator) -> np.ndarray:
 
 def compose(parts: list[tuple[str | None, str]]) -> Caption:
     """Join (cell or None, text) pieces; a cell's piece is a thing phrase "a ...", whose
-    span skips the article."""
-    text, spans = "", []
+    span skips the article; in the other pieces "on the left"/"on the right" mark places."""
+    text, spans, places = "", [], []
     for cell, piece in parts:
         if cell is not None:
             start = len(text) + (2 if piece.startswith("a ") else 0)
             spans.append((cell, start, len(text) + len(piece)))
+        else:
+            for place in CELLS:
+                at = piece.find(f"on the {place}")
+                if at >= 0:
+                    start = len(text) + at + len("on the ")
+                    places.append((place, start, start + len(place)))
         text += piece
-    return Caption(text, tuple(spans))
+    return Caption(text, tuple(spans), tuple(places))
 
 
 def caption_for(
@@ -98,8 +112,9 @@ def caption_for(
             return compose([(ca, pa), (None, " on the left and "), (cb, pb), (None, " on the right")])
         if form == "right-left":
             return compose([(cb, pb), (None, " on the right and "), (ca, pa), (None, " on the left")])
-        if form == "no-place":
-            return compose([(ca, pa), (None, " and "), (cb, pb)])
+        if form == "no-place":  # random order: it says nothing of places
+            first, second = ((ca, pa), (cb, pb)) if rng.random() < 0.5 else ((cb, pb), (ca, pa))
+            return compose([first, (None, " and "), second])
         raise ValueError(f"unknown two-thing caption form {form!r}")
     if len(things) != 1:
         raise ValueError("a caption needs at least one thing")
