@@ -124,6 +124,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "scheduler": dm.FLOW_CONFIG,
         "isolation": args.isolation,
         "ground": args.ground,
+        "ground_places": bool(args.ground_places),
         "p_two": args.p_two,
         "pool": args.pool,
         "batch": args.batch,
@@ -165,7 +166,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if context.leaks:
             total = total + args.isolation * torch.stack(context.leaks).mean()
         if args.ground > 0:
-            g = grounding_loss(maps, token_cells(tokenizer, caps))
+            g = grounding_loss(maps, token_cells(tokenizer, caps, places=bool(args.ground_places)))
             total = total + args.ground * g
             ground_running = g.item() if ground_running is None else 0.98 * ground_running + 0.02 * g.item()
         optimizer_step(total, opt, sched, params, averages, step)
@@ -196,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pool", type=int, default=12000, help="scenes (canvases) the transformer trains on")
     ap.add_argument("--p-two", type=float, default=P_TWO, help="share of scenes with a thing in each cell")
     ap.add_argument("--ground", type=float, default=1.0, help="weight of the grounding loss (0: off)")
+    ap.add_argument("--ground-places", type=int, choices=(0, 1), default=1,
+                    help="1: the grounding loss also grounds the place words (left, right) to their cell")
     ap.add_argument("--isolation", type=float, default=1.0, help="weight of the text-isolation loss (0: off)")
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--warm-start", type=pathlib.Path, default=None,
