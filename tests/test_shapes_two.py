@@ -255,3 +255,10 @@ def test_locality_masses_cover_every_cross_attention_layer():
     for own, other in masses.values():
         assert len(own) == len(other) == n_tokens
         assert all(o >= 0 and x >= 0 and o + x > 0 for o, x in zip(own, other))
+
+
+def test_locality_refuses_an_unknown_own_cell_rule():
+    from gie_guard.shapes.quality_two import locality
+
+    with pytest.raises(ValueError, match="named"):
+        locality(None, n=1, own="nearest")

@@ -233,27 +233,37 @@ def _is_mirrored(detector: Detector, want: dict[str, Thing | None], image: np.nd
     return arrangement(want, detect_cells(detector, image[None])[0]) is not want
 
 
-def locality(pipe: Any, n: int = 12, seed: int = 1000, detector: Detector | None = None) -> dict[str, dict[str, float]]:
+def locality(pipe: Any, n: int = 12, seed: int = 1000, detector: Detector | None = None,
+             own: str = "named") -> dict[str, dict[str, float]]:
     """{form: {layer: own-cell / other-cell attention}} for every form: the thing tokens'
     mean mass on their own cell over their mean mass on the other cell, over n prompts
-    (a ratio of means: a token with almost nothing on the other cell cannot dominate)."""
+    (a ratio of means: a token with almost nothing on the other cell cannot dominate).
+
+    own "named": a thing's own cell is the place its prompt names (prompts without places:
+    where it was drawn); "drawn": where the generated image shows it (the detector decides
+    which way round two things were drawn), which measures whether maps follow the objects
+    whether or not the model followed the place words."""
+    if own not in ("named", "drawn"):
+        raise ValueError(f"own must be 'named' or 'drawn', not {own!r}")
     table = {}
     for k, form in enumerate(FORMS):
         rng = np.random.default_rng(seed + 100 + k)
-        own: dict[str, list[float]] = {}
-        other: dict[str, list[float]] = {}
+        own_mass: dict[str, list[float]] = {}
+        other_mass: dict[str, list[float]] = {}
         for i, (cap, want) in enumerate(prompt_set(form, n, rng)):
             mirrored = None
-            if form == "two, no place":  # which way round the things were drawn decides their own cells
+            if form.startswith("two") and (own == "drawn" or form == "two, no place"):
+                # which way round the things were drawn decides their own cells
                 mirrored = functools.partial(_is_mirrored, detector or load_detector(), want)
             masses, _ = caption_masses(pipe, cap, seed + 20_000 + 100 * k + i,
-                                       cell_of_drawn=form == "one, no place", mirrored=mirrored)
+                                       cell_of_drawn=form == "one, no place" or (own == "drawn" and form.startswith("one")),
+                                       mirrored=mirrored)
             for name, (o, x) in masses.items():
-                own.setdefault(name, []).extend(o)
-                other.setdefault(name, []).extend(x)
+                own_mass.setdefault(name, []).extend(o)
+                other_mass.setdefault(name, []).extend(x)
         table[form] = {
-            name: float(np.mean(own[name]) / np.mean(other[name])) if own[name] else float("nan")
-            for name in forward_order(list(own))
+            name: float(np.mean(own_mass[name]) / np.mean(other_mass[name])) if own_mass[name] else float("nan")
+            for name in forward_order(list(own_mass))
         }
     return table
 
@@ -265,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--weights", type=pathlib.Path, default=None, help="a training run's folder (default: weights/two/)")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--own-cell", choices=("named", "drawn"), default="named",
+                    help="locality's own cell: the place the prompt names, or where the thing was drawn")
     ap.add_argument("--backbone", choices=("unet", "dit"), default="unet")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -278,9 +290,9 @@ def main(argv: list[str] | None = None) -> None:
         for form, row in quality_two(pipe, detector, args.n, args.seed).items():
             print(f"{form:18s} {row['shape']:6.3f} {row['colour']:6.3f} {row['style']:6.3f} {row['all']:6.3f} "
                   f"{row['layout']:6.3f} {int(row['n']):4d}", flush=True)
-    table = locality(pipe, args.locality_n, args.seed, load_detector())
-    print(f"\nlocality: own cell / other cell attention of a thing's tokens (mean over heads, steps; "
-          f"target {TARGET['locality']}), {args.locality_n} prompts per form:")
+    table = locality(pipe, args.locality_n, args.seed, load_detector(), own=args.own_cell)
+    print(f"\nlocality: own cell ({args.own_cell}) / other cell attention of a thing's tokens (mean over heads, "
+          f"steps; target {TARGET['locality']}), {args.locality_n} prompts per form:")
     layers = list(next(iter(table.values())))
     print(f"{'layer':26s} " + " ".join(f"{f:>16s}" for f in FORMS))
     for name in layers:
