@@ -262,3 +262,14 @@ def test_locality_refuses_an_unknown_own_cell_rule():
 
     with pytest.raises(ValueError, match="named"):
         locality(None, n=1, own="nearest")
+
+
+def test_packaged_two_world_transformer_generates_a_canvas():
+    from gie_guard.shapes import dit_model as dm
+
+    meta = json.loads((WORLDS["two"] / dm.FILES["meta"]).read_text())
+    assert meta["world"] == "two" and meta["backbone"] == "dit" and meta["steps"] > 0
+    pipe = load_pipeline(world="two", backbone="dit")
+    image = pipe("a red circle on the left and a blue square on the right", height=32, width=64,
+                 num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (32, 64, 3) and np.isfinite(image).all()
