@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .world import ATTRIBUTES, SIZE, label_vector, render, sample_scene
+from .world_two import CELLS, split_cells
 
 WEIGHTS = pathlib.Path(__file__).parent / "weights" / "detector.safetensors"
 P_TWO = 0.3
@@ -74,6 +75,31 @@ class Detector:
     def __call__(self, images: Sequence[Image.Image] | np.ndarray) -> list[set[str]]:
         probs = self.probabilities(images)
         return [{a for a, p in zip(ATTRIBUTES, row) if p > self.threshold} for row in probs]
+
+
+EMPTY_DIFF = 60  # summed |RGB| difference from the background that counts as drawn
+EMPTY_SHARE = 0.05  # a cell with less than this share of drawn pixels is empty (a thing covers 15-45 %)
+
+
+def empty_cells(images: np.ndarray) -> dict[str, np.ndarray]:
+    """(N, 32, 64, 3) canvases -> per cell, (N,) bool: nothing drawn there. The detector was
+    never trained on empty images (it reports a fixed set of attributes on one), so
+    emptiness is judged on pixels: the background is the canvas's median colour."""
+    background = np.median(images.reshape(len(images), -1, 3), axis=1)  # (N, 3)
+    drawn = np.abs(images.astype(np.float32) - background[:, None, None, :]).sum(-1) > EMPTY_DIFF  # (N, 32, 64)
+    return {cell: part[..., 0].mean(axis=(1, 2)) < EMPTY_SHARE for cell, part in split_cells(drawn[..., None]).items()}
+
+
+def detect_cells(detector: Detector, images: np.ndarray) -> list[dict[str, set[str]]]:
+    """Judge each cell of (N, 32, 64, 3) two-cell canvases (world_two.py) with the one-thing
+    detector: per image {"left": attributes, "right": attributes}; an empty cell gives an
+    empty set."""
+    empty = empty_cells(images)
+    found = {cell: detector(part) for cell, part in split_cells(images).items()}
+    return [
+        {cell: set() if empty[cell][i] else found[cell][i] for cell in CELLS}
+        for i in range(len(images))
+    ]
 
 
 def load_detector(weights: str | pathlib.Path | None = None) -> Detector:

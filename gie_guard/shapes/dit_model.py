@@ -116,12 +116,14 @@ def load_vae(weights_dir: pathlib.Path, scaling_factor: float) -> AutoencoderKL:
 
 
 def load_dit_pipeline(
-    device: str | torch.device = "cpu", weights_dir: str | pathlib.Path | None = None
+    device: str | torch.device = "cpu", weights_dir: str | pathlib.Path | None = None,
+    vae_dir: str | pathlib.Path | None = None,
 ) -> StableDiffusion3Pipeline:
-    """The trained transformer shapes pipeline in float32 on `device`, from the packaged weights."""
+    """The trained transformer shapes pipeline in float32 on `device`, from the packaged
+    weights; the autoencoder comes from `vae_dir` (default: the weights folder itself)."""
     wdir = pathlib.Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     meta = json.loads((wdir / FILES["meta"]).read_text())
-    vae = load_vae(wdir, meta["scaling_factor"])
+    vae = load_vae(pathlib.Path(vae_dir) if vae_dir is not None else wdir, meta["scaling_factor"])
     transformer = new_transformer(meta["transformer"])
     state = {k: v.float() for k, v in load_file(wdir / FILES["transformer"]).items()}
     missing, unexpected = transformer.load_state_dict(state, strict=False)

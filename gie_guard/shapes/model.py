@@ -28,6 +28,9 @@ from .text_encoder import SinkTextEncoder, load_tokenizer
 WEIGHTS_DIR = pathlib.Path(__file__).parent / "weights"
 # variant name -> folder of its UNet, sink and model.json; the autoencoder is always WEIGHTS_DIR's
 VARIANTS = {"default": WEIGHTS_DIR, "sink-pads": WEIGHTS_DIR / "sink-pads"}
+# world name -> folder of its UNet, sink and model.json: "one" (32x32, one thing) or "two"
+# (32x64 canvas of two cells, world_two.py); the autoencoder is always WEIGHTS_DIR's
+WORLDS = {"one": WEIGHTS_DIR, "two": WEIGHTS_DIR / "two"}
 LATENT_SIZE = 8  # 32 px / 4 (three encoder blocks)
 
 VAE_CONFIG = dict(
@@ -71,8 +74,11 @@ def new_vae() -> AutoencoderKL:
     return AutoencoderKL(**VAE_CONFIG)
 
 
-def new_unet() -> UNet2DConditionModel:
-    return UNet2DConditionModel(**UNET_CONFIG)
+def new_unet(sample_size: int | tuple[int, int] = LATENT_SIZE) -> UNet2DConditionModel:
+    """The shapes UNet; ``sample_size`` (latent height, width) only sets the pipeline's
+    default image size: (8, 16) for the two-cell world's 32x64 canvas."""
+    config = dict(UNET_CONFIG, sample_size=sample_size if isinstance(sample_size, int) else list(sample_size))
+    return UNet2DConditionModel(**config)
 
 
 def assemble_pipeline(
@@ -116,6 +122,7 @@ def load_pipeline(
     weights_dir: str | pathlib.Path | None = None,
     backbone: str = "unet",
     variant: str | None = None,
+    world: str = "one",
 ) -> Any:
     """The trained shapes pipeline in float32 on `device`, built from the packaged weights.
 
@@ -126,9 +133,33 @@ def load_pipeline(
     sink-pads variant, whose UNet, sink and model.json are in weights/sink-pads/ (or in
     `weights_dir`, e.g. a training run's output folder) and whose autoencoder is the
     shared one in weights/. Its text encoder's end and pad positions hold copies of the
-    sink (``pad_mode`` "sink", recorded in its model.json)."""
+    sink (``pad_mode`` "sink", recorded in its model.json).
+
+    world "one" (default): the models above, one thing on a 32x32 image; "two": the two-cell
+    world (world_two.py), 32 rows x 64 columns by default, whose UNet, sink and model.json
+    are in weights/two/ (or `weights_dir`); default variant only. With backbone "dit" the
+    two-cell transformer (dit_train_two.py; its files dit_* in the same folder), which
+    needs ``height=32, width=64`` in calls."""
+    if world not in WORLDS:
+        raise ValueError(f"unknown shapes world {world!r}: expected one of {sorted(WORLDS)}")
     name = "default" if variant is None else variant
     vdir = variant_dir(variant)  # ValueError for an unknown variant
+    if world == "two":
+        if name != "default":
+            raise ValueError("the two-cell world exists with the default variant only")
+        vdir = WORLDS["two"]
+        if backbone == "dit":
+            from .dit_model import FILES, load_dit_pipeline
+
+            wdir = pathlib.Path(weights_dir) if weights_dir is not None else vdir
+            if not (wdir / FILES["meta"]).exists():
+                raise ValueError(f"no two-cell transformer weights in {wdir} (train with dit_train_two.py)")
+            # SD3's pipeline has one sample_size: generate with height=32, width=64
+            from .dit_train_two import set_two_cell_positions
+
+            pipe = load_dit_pipeline(device, wdir, vae_dir=WEIGHTS_DIR)
+            set_two_cell_positions(pipe.transformer)  # the table is rebuilt, not stored
+            return pipe
     if backbone == "dit":
         if name != "default":
             raise ValueError(f"the shapes variant {variant!r} exists for backbone 'unet' only")
@@ -140,8 +171,9 @@ def load_pipeline(
     wdir = pathlib.Path(weights_dir) if weights_dir is not None else vdir
     meta = json.loads((wdir / "model.json").read_text())
     # a variant trains only the UNet and sink, on the shared autoencoder
-    vae = load_vae(wdir if name == "default" else WEIGHTS_DIR)
-    unet = new_unet()
+    vae = load_vae(wdir if name == "default" and world == "one" else WEIGHTS_DIR)
+    # the two-cell world's model.json records its latent (height, width): (8, 16)
+    unet = new_unet(tuple(meta["sample_size"]) if "sample_size" in meta else LATENT_SIZE)
     unet.load_state_dict({k: v.float() for k, v in load_file(wdir / "unet.safetensors").items()})
     tokenizer = load_tokenizer()
     text_encoder = SinkTextEncoder.create(tokenizer, pad_mode=meta.get("pad_mode", "zero"))

@@ -156,13 +156,20 @@ def _style_pattern(style: str, x: _Grid, y: _Grid, phase: float) -> _Mask:
     raise ValueError(f"unknown style {style!r}")
 
 
-def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """(32, 32, 3) uint8 image; position, size, pattern phase and tints jitter with rng."""
+def background_tint(rng: np.random.Generator) -> np.ndarray:
+    """The jittered background colour (3,) of one render."""
+    return np.clip(np.array(BACKGROUND) + rng.integers(-8, 9), 0, 255)
+
+
+def render(scene: Scene, rng: np.random.Generator, background: np.ndarray | None = None) -> np.ndarray:
+    """(32, 32, 3) uint8 image; position, size, pattern phase and tints jitter with rng.
+    ``background`` (3,) fixes the background colour (drawn from rng when None), so that
+    the cells of a larger canvas share one background; an empty scene is background only."""
     n = SIZE * _SUPER
     # sub-pixel sample centres in image pixel units, (n, n)
     c = (np.arange(n) + 0.5) / _SUPER
     y, x = np.meshgrid(c, c, indexing="ij")
-    bg = np.clip(np.array(BACKGROUND) + rng.integers(-8, 9), 0, 255)
+    bg = background_tint(rng) if background is None else background
     img = np.broadcast_to(bg.astype(np.float32), (n, n, 3)).copy()
     two = len(scene.things) == 2
     for k, thing in enumerate(scene.things):
