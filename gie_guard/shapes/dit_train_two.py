@@ -40,7 +40,7 @@ from .dit_text import create_encoders, load_dit_tokenizer
 from .dit_train import ClipSlotStates, lr_factor
 from .model import WEIGHTS_DIR
 from .train import P_EMPTY, Log, optimizer_step
-from .train_two import build_two_pool, grounding_loss, token_cells
+from .train_two import Progress, build_two_pool, grounding_loss, token_cells
 from .world_two import P_TWO, Caption, caption_for
 
 LATENT_HW = (8, 16)
@@ -132,21 +132,19 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "warm_start": "shipped weights/ (dit_transformer, dit_text)" if args.warm_start is None else str(warm),
         "vae": "shared: weights/vae.safetensors",
     }
-    running: float | None = None
-    ground_running: float | None = None
-
     def save(step: int) -> None:
         save_file({k: v.half().contiguous() for k, v in dm.parameter_state(ema).items()}, args.out / dm.FILES["transformer"])
         save_file({"sink_1": ema_sinks[0].half(), "sink_2": ema_sinks[1].half()}, args.out / dm.FILES["text"])
-        meta.update(steps=step, steps_planned=args.steps, final_loss=running, final_ground_loss=ground_running,
-                    wall_minutes=(time.time() - start) / 60)
+        meta.update(steps=step, steps_planned=args.steps, final_loss=progress.running,
+                    final_ground_loss=progress.ground, wall_minutes=(time.time() - start) / 60)
         (args.out / dm.FILES["meta"]).write_text(json.dumps(meta, indent=1))
         log(f"saved EMA weights at step {step}")
 
     context = dm.ReducedContext()
     maps: list[torch.Tensor] = []
     transformer.set_attn_processor(GroundingJointProcessor(context, maps, isolate=args.isolation > 0))
-    deadline = start + args.minutes * 60
+    progress = Progress("dit", log, steps=args.steps, save_every=args.save_every, deadline=start + args.minutes * 60,
+                        save=save, learning_rate=lambda: sched.get_last_lr()[0])
     step = 0
     for step in range(args.steps):
         idx = rng.integers(len(scenes), size=args.batch)
@@ -165,22 +163,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         total = loss
         if context.leaks:
             total = total + args.isolation * torch.stack(context.leaks).mean()
+        ground = None
         if args.ground > 0:
             g = grounding_loss(maps, token_cells(tokenizer, caps, places=bool(args.ground_places)))
-            total = total + args.ground * g
-            ground_running = g.item() if ground_running is None else 0.98 * ground_running + 0.02 * g.item()
+            total, ground = total + args.ground * g, g.item()
         optimizer_step(total, opt, sched, params, averages, step)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 25 == 0 or step == args.steps - 1:
-            gmsg = "" if ground_running is None else f" ground {ground_running:.4f}"
-            log(f"dit step {step} loss {loss.item():.4f} ema-loss {running:.4f}{gmsg} lr {sched.get_last_lr()[0]:.2e}")
-        if (step + 1) % args.save_every == 0:
-            save(step + 1)
-        if time.time() > deadline:
-            log(f"time cap reached at step {step + 1}")
+        if progress.after(step, loss.item(), ground):
             break
-    if (step + 1) % args.save_every != 0:  # not saved by the loop yet
-        save(step + 1)
+    progress.finish(step)
     log(f"done: {meta}")
     return meta
 

@@ -122,6 +122,43 @@ class MapRecorder:
         return projected
 
 
+
+class Progress:
+    """A two-cell training loop's bookkeeping after each optimiser step: moving averages of
+    the denoising loss and of the grounding loss, a log line every 25 steps, EMA weights saved
+    every ``save_every`` steps and at the end, and the wall-clock cap."""
+
+    def __init__(self, name: str, log: Log, *, steps: int, save_every: int, deadline: float,
+                 save: Any, learning_rate: Any) -> None:
+        self.name, self.log, self.steps, self.save_every = name, log, steps, save_every
+        self.deadline, self.save, self.learning_rate = deadline, save, learning_rate
+        self.running: float | None = None  # moving average of the denoising loss
+        self.ground: float | None = None  # and of the grounding loss, when there is one
+
+    @staticmethod
+    def _average(previous: float | None, value: float) -> float:
+        return value if previous is None else 0.98 * previous + 0.02 * value
+
+    def after(self, step: int, loss: float, ground: float | None = None) -> bool:
+        """Record step ``step``; True when the run must stop (its time is up)."""
+        if ground is not None:
+            self.ground = self._average(self.ground, ground)
+        self.running = self._average(self.running, loss)
+        if step % 25 == 0 or step == self.steps - 1:
+            extra = "" if self.ground is None else f" ground {self.ground:.4f}"
+            self.log(f"{self.name} step {step} loss {loss:.4f} ema-loss {self.running:.4f}{extra} "
+                     f"lr {self.learning_rate():.2e}")
+        if (step + 1) % self.save_every == 0:
+            self.save(step + 1)
+        if time.time() > self.deadline:
+            self.log(f"time cap reached at step {step + 1}")
+            return True
+        return False
+
+    def finish(self, step: int) -> None:
+        if (step + 1) % self.save_every != 0:  # not saved by the loop yet
+            self.save(step + 1)
+
 def grounding_loss(maps: list[torch.Tensor], cells: torch.Tensor) -> torch.Tensor:
     """Mean over layers and grounded tokens of (1 - share of the token's attention mass
     inside its cell)^2. maps: per layer (B, N, T'); cells: (B, T, 2) from token_cells."""
@@ -201,18 +238,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     noise_sched = train_scheduler()
     texts = TokenStates(encoder, tokenizer)
     averages = list(zip(ema.parameters(), unet.parameters())) + [(ema_sink, encoder.sink)]
-    running: float | None = None
-    ground_running: float | None = None
-
     def save(step: int) -> None:
         save_file(half_state(ema), args.out / "unet.safetensors")
         save_file({"sink": ema_sink.half()}, args.out / "sink.safetensors")
-        meta.update(steps=step, steps_planned=args.steps, final_loss=running, final_ground_loss=ground_running,
-                    wall_minutes=(time.time() - start) / 60)
+        meta.update(steps=step, steps_planned=args.steps, final_loss=progress.running,
+                    final_ground_loss=progress.ground, wall_minutes=(time.time() - start) / 60)
         (args.out / "model.json").write_text(json.dumps(meta, indent=1))
         log(f"saved EMA weights at step {step}")
 
-    deadline = start + args.minutes * 60
+    progress = Progress("unet", log, steps=args.steps, save_every=args.save_every, deadline=start + args.minutes * 60,
+                        save=save, learning_rate=lambda: sched.get_last_lr()[0])
     step = 0
     for step in range(args.steps):
         idx = rng.integers(len(scenes), size=args.batch)
@@ -229,23 +264,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         xt = noise_sched.add_noise(x0, noise, t)
         recorder.maps.clear()
         loss = F.mse_loss(unet(xt, t, context, encoder_attention_mask=mask).sample, noise)
-        total = loss
+        total, ground = loss, None
         if args.ground > 0:
             g = grounding_loss(recorder.maps, token_cells(tokenizer, caps, places=args.ground_places))
-            total = loss + args.ground * g
-            ground_running = g.item() if ground_running is None else 0.98 * ground_running + 0.02 * g.item()
+            total, ground = loss + args.ground * g, g.item()
         optimizer_step(total, opt, sched, params, averages, step)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 25 == 0 or step == args.steps - 1:
-            gmsg = "" if ground_running is None else f" ground {ground_running:.4f}"
-            log(f"unet step {step} loss {loss.item():.4f} ema-loss {running:.4f}{gmsg} lr {sched.get_last_lr()[0]:.2e}")
-        if (step + 1) % args.save_every == 0:
-            save(step + 1)
-        if time.time() > deadline:
-            log(f"time cap reached at step {step + 1}")
+        if progress.after(step, loss.item(), ground):
             break
-    if (step + 1) % args.save_every != 0:  # not saved by the loop yet
-        save(step + 1)
+    progress.finish(step)
     log(f"done: {meta}")
     return meta
 
