@@ -26,7 +26,9 @@ uvicorn = pytest.importorskip("uvicorn")
 from gie_guard import Guard  # noqa: E402
 from gie_guard.serving import ImageService, ServeSettings, create_app  # noqa: E402
 from gie_guard.serving import http as serving_http  # noqa: E402
-from gie_guard.serving.http import GuardedH11Protocol, server_config  # noqa: E402
+from gie_guard.serving.http import GuardedH11Protocol  # noqa: E402
+
+import _servers  # noqa: E402
 from gie_guard.serving.schemas import concept_label  # noqa: E402
 
 SECRET = "quokka"  # in every prompt; must never reach a log line at INFO or above
@@ -59,26 +61,10 @@ class Switch:
         return answer(images) if answer is not None else [set() for _ in images]
 
 
-class Running:
-    """A uvicorn server on a thread, on a socket bound to 127.0.0.1:0 (listening before it starts)."""
-
+class Running(_servers.Running):
     def __init__(self, app, *, http: str = "h11") -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
         protocol = {"h11": GuardedH11Protocol, "httptools": getattr(serving_http, "GuardedHttpToolsProtocol", None)}[http]
-        config = server_config(app, http=protocol, log_config=None, access_log=False, max_requests=64,
-                               timeout_graceful_shutdown=10, lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
-        assert not self.thread.is_alive()
+        super().__init__(app, http=protocol, max_requests=64)
 
 
 class Capture(logging.Handler):

@@ -24,27 +24,16 @@ from gie_guard.serving import ImageService, ServeSettings, create_app  # noqa: E
 from gie_guard.serving import http as serving_http  # noqa: E402
 from gie_guard.serving.http import GuardedH11Protocol, server_config  # noqa: E402
 
+import _servers  # noqa: E402
+
 IDLE = 1000
 PROTOCOLS = [GuardedH11Protocol] + ([serving_http.GuardedHttpToolsProtocol]
                                      if hasattr(serving_http, "GuardedHttpToolsProtocol") else [])
 
 
-class Running:
+class Running(_servers.Running):
     def __init__(self, app, **config) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(2048)
-        self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(server_config(app, log_config=None, access_log=False, lifespan="on",
-                                                   timeout_graceful_shutdown=10, **config))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
-        assert not self.thread.is_alive()
+        super().__init__(app, backlog=2048, **config)  # room for the 1,000 idle connections
 
 
 def request(port, method, path, body=None):
