@@ -60,6 +60,30 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+class Optimisation:
+    """What a DiT training run updates: the transformer and both text sinks, their EMA copies
+    (what is saved), and AdamW with warm-up and cosine decay (``lr_factor``)."""
+
+    def __init__(self, transformer: Any, sinks: list[torch.Tensor], args: argparse.Namespace) -> None:
+        self.ema = copy.deepcopy(transformer).requires_grad_(False)
+        self.ema_sinks = [s.detach().clone() for s in sinks]
+        self.params = list(transformer.parameters()) + sinks
+        self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=1e-2)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, args.steps, args.warmup))
+        self.averages = list(zip(self.ema.parameters(), transformer.parameters())) + list(zip(self.ema_sinks, sinks))
+
+    def step(self, total: torch.Tensor, step: int) -> None:
+        optimizer_step(total, self.opt, self.sched, self.params, self.averages, step)
+
+    def learning_rate(self) -> float:
+        return float(self.sched.get_last_lr()[0])
+
+    def save_weights(self, out: pathlib.Path) -> None:
+        """The EMA transformer and sinks, float16, under their shipped file names."""
+        save_file({k: v.half().contiguous() for k, v in dm.parameter_state(self.ema).items()}, out / dm.FILES["transformer"])
+        save_file({"sink_1": self.ema_sinks[0].half(), "sink_2": self.ema_sinks[1].half()}, out / dm.FILES["text"])
+
+
 def train(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     start = time.time()
     source = pathlib.Path(args.source) if args.source else WEIGHTS_DIR
@@ -80,18 +104,12 @@ def train(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     enc1, enc2 = create_encoders(tokenizer)
     torch.manual_seed(int(rng.integers(2**31)))
     transformer = dm.new_transformer(zero_init=True)
-    ema = copy.deepcopy(transformer).requires_grad_(False)
     # sinks start at about 3x a token state's norm (layer 5: about 11)
     with torch.no_grad():
         enc1.sink.copy_(torch.randn(enc1.config.hidden_size) * 1.5)
         enc2.sink.copy_(torch.randn(enc2.config.hidden_size) * 1.5)
-    sinks = [enc1.sink, enc2.sink]
-    ema_sinks = [s.detach().clone() for s in sinks]
-    params = list(transformer.parameters()) + sinks
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.steps, args.warmup))
+    optimisation = Optimisation(transformer, [enc1.sink, enc2.sink], args)
     texts = ClipSlotStates(enc1, tokenizer)
-    averages = list(zip(ema.parameters(), transformer.parameters())) + list(zip(ema_sinks, sinks))
     pooled = dm.pooled_zeros(transformer, args.batch)
     meta: dict[str, Any] = {
         "backbone": "dit",
@@ -106,8 +124,7 @@ def train(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     leak_running: float | None = None
 
     def save(step: int) -> None:
-        save_file({k: v.half().contiguous() for k, v in dm.parameter_state(ema).items()}, args.out / dm.FILES["transformer"])
-        save_file({"sink_1": ema_sinks[0].half(), "sink_2": ema_sinks[1].half()}, args.out / dm.FILES["text"])
+        optimisation.save_weights(args.out)
         meta.update(steps=step, final_loss=running, text_leak=leak_running, wall_minutes=(time.time() - start) / 60)
         (args.out / dm.FILES["meta"]).write_text(json.dumps(meta, indent=1))
         log(f"saved EMA weights at step {step}")
@@ -140,11 +157,11 @@ def train(args: argparse.Namespace, log: Log) -> dict[str, Any]:
                 leak = torch.stack(context.leaks).mean()
                 total = loss + args.isolation * leak
                 leak_running = leak.item() if leak_running is None else 0.98 * leak_running + 0.02 * leak.item()
-            optimizer_step(total, opt, sched, params, averages, step)
+            optimisation.step(total, step)
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
             if step % 50 == 0 or step == args.steps - 1:
                 leak_msg = "" if leak_running is None else f" text-leak {leak_running:.4f}"
-                log(f"dit step {step} loss {loss.item():.4f} ema-loss {running:.4f}{leak_msg} lr {sched.get_last_lr()[0]:.2e}")
+                log(f"dit step {step} loss {loss.item():.4f} ema-loss {running:.4f}{leak_msg} lr {optimisation.learning_rate():.2e}")
             if (step + 1) % args.save_every == 0:
                 save(step + 1)
             if time.time() > deadline:

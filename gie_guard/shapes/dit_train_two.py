@@ -24,7 +24,6 @@ gie_guard/shapes/weights/two/.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import pathlib
 import time
@@ -33,13 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import dit_model as dm
 from .dit_text import create_encoders, load_dit_tokenizer
-from .dit_train import ClipSlotStates, lr_factor
+from .dit_train import ClipSlotStates, Optimisation
 from .model import WEIGHTS_DIR
-from .train import P_EMPTY, Log, optimizer_step
+from .train import P_EMPTY, Log
 from .train_two import Progress, build_two_pool, grounding_loss, token_cells
 from .world_two import P_TWO, Caption, caption_for
 
@@ -104,14 +103,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         enc1.sink.copy_(sinks_state["sink_1"].float())
         enc2.sink.copy_(sinks_state["sink_2"].float())
     set_two_cell_positions(transformer)
-    ema = copy.deepcopy(transformer).requires_grad_(False)
-    sinks = [enc1.sink, enc2.sink]
-    ema_sinks = [s.detach().clone() for s in sinks]
-    params = list(transformer.parameters()) + sinks
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.steps, args.warmup))
+    optimisation = Optimisation(transformer, [enc1.sink, enc2.sink], args)
     texts = ClipSlotStates(enc1, tokenizer)
-    averages = list(zip(ema.parameters(), transformer.parameters())) + list(zip(ema_sinks, sinks))
     pooled = dm.pooled_zeros(transformer, args.batch)
     meta: dict[str, Any] = {
         "backbone": "dit",
@@ -133,8 +126,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "vae": "shared: weights/vae.safetensors",
     }
     def save(step: int) -> None:
-        save_file({k: v.half().contiguous() for k, v in dm.parameter_state(ema).items()}, args.out / dm.FILES["transformer"])
-        save_file({"sink_1": ema_sinks[0].half(), "sink_2": ema_sinks[1].half()}, args.out / dm.FILES["text"])
+        optimisation.save_weights(args.out)
         meta.update(steps=step, steps_planned=args.steps, final_loss=progress.running,
                     final_ground_loss=progress.ground, wall_minutes=(time.time() - start) / 60)
         (args.out / dm.FILES["meta"]).write_text(json.dumps(meta, indent=1))
@@ -144,7 +136,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     maps: list[torch.Tensor] = []
     transformer.set_attn_processor(GroundingJointProcessor(context, maps, isolate=args.isolation > 0))
     progress = Progress("dit", log, steps=args.steps, save_every=args.save_every, deadline=start + args.minutes * 60,
-                        save=save, learning_rate=lambda: sched.get_last_lr()[0])
+                        save=save, learning_rate=optimisation.learning_rate)
     step = 0
     for step in range(args.steps):
         idx = rng.integers(len(scenes), size=args.batch)
@@ -167,7 +159,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if args.ground > 0:
             g = grounding_loss(maps, token_cells(tokenizer, caps, places=bool(args.ground_places)))
             total, ground = total + args.ground * g, g.item()
-        optimizer_step(total, opt, sched, params, averages, step)
+        optimisation.step(total, step)
         if progress.after(step, loss.item(), ground):
             break
     progress.finish(step)
