@@ -30,7 +30,7 @@ import torch
 
 from .engine import Plan
 
-__all__ = ["DEFAULT_MAX_PLAN_BYTES", "DEFAULT_MAX_PLANS", "PlanCache", "encoder_fingerprint", "plan_bytes"]
+__all__ = ["DEFAULT_MAX_PLAN_BYTES", "DEFAULT_MAX_PLANS", "TOKENIZERS", "PlanCache", "encoder_fingerprint", "plan_bytes"]
 
 # Enough for a few policies x encoding settings per pipeline; one plan of a 1,000-concept policy
 # on SD 1.5 is about 1,000 x 77 x 768 float32 = 236 MB, so the byte bound decides for big ones.
@@ -38,7 +38,7 @@ DEFAULT_MAX_PLANS = 32
 DEFAULT_MAX_PLAN_BYTES = 1 << 30  # 1 GiB
 
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-_TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")  # the pipeline attributes that hold tokenizers
 _CALL_SCALES = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 
 
@@ -82,7 +82,7 @@ def encoder_fingerprint(pipe: Any, kwargs: Mapping[str, Any]) -> tuple[Any, ...]
         identities = hash(tuple(map(id, params)))
         weights = hash(tuple((p.data_ptr(), p._version) for p in params))
         state.append((name, id(module), identities, weights, _peft_state(module, identities)))
-    for name in _TOKENIZERS:
+    for name in TOKENIZERS:
         tokenizer = getattr(pipe, name, None)
         if tokenizer is not None:
             state.append((name, id(tokenizer), len(tokenizer)))
