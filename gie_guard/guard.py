@@ -31,7 +31,7 @@ from .engine import ownership
 from .errors import ConfigurationError, ContentBlockedError, GuardError, PolicyError
 from .logs import install_log_filters
 from .metrics import GuardMetrics
-from .plan_cache import DEFAULT_MAX_PLAN_BYTES, DEFAULT_MAX_PLANS, PlanCache, encoder_fingerprint
+from .plan_cache import DEFAULT_MAX_PLAN_BYTES, DEFAULT_MAX_PLANS, TOKENIZERS, PlanCache, encoder_fingerprint
 from .policy import PolicySnapshot, PolicyStore
 from .report import AppliedConcept, GuardedOutput, GuardReport
 from .verifiers import Verifier, check_verifiers, default_verifiers, run_verifiers
@@ -55,7 +55,7 @@ def _compile_view(pipe: Any) -> Any:
     or a service counting prompt tokens). A shallow copy costs microseconds; a tokenizer copy
     tens of milliseconds (46 ms for the tiny pipelines' BERT tokenizer), once per compile."""
     view = copy.copy(pipe)
-    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+    for name in TOKENIZERS:
         tokenizer = pipe.__dict__.get(name)
         if tokenizer is not None:
             object.__setattr__(view, name, copy.deepcopy(tokenizer))
@@ -357,6 +357,13 @@ class Guard:
     def _guarded_call(self, pipe: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> GuardedOutput:
         install_log_filters()  # loggers diffusers created since the last call (one len() otherwise)
         snapshot = self._store.current  # read once: a call never mixes two policies
+        if type(pipe) is GuardedPipeline:
+            if object.__getattribute__(pipe, "_guard") is not self:
+                raise GuardError(
+                    f"this {type(_unwrapped(pipe)).__name__} is wrapped by another Guard; one guard guards a call: "
+                    "call the wrapper, or put both policies in one (include:) — nothing was generated"
+                )
+            pipe = _unwrapped(pipe)
         attached = getattr(type(pipe), "_gie_guard", None)
         if attached is not None and attached is not self:
             raise GuardError(

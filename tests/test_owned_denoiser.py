@@ -330,3 +330,14 @@ def test_another_thread_cannot_use_the_denoiser_while_a_guarded_call_runs(pipe, 
     out = run(wrapped, callback_on_step_end=pause)
     thread.join(60)
     assert outcome == ["refused"] and out.shape[0] == 1
+
+
+def test_a_guard_called_on_a_wrapper_guards_its_pipeline_or_refuses_anothers(pipe, guard):
+    wrapped = guard.wrap(pipe)
+    guarded = run(wrapped)
+    assert np.array_equal(guard(wrapped, prompt="a beach", num_inference_steps=2,
+                                generator=torch.Generator().manual_seed(0), output_type="np").images, guarded)
+    other = Guard(policy=dict(STRONG, name="other"))
+    with pytest.raises(GuardError, match="wrapped by another Guard"):
+        other(wrapped, prompt="a beach", num_inference_steps=2, output_type="np")
+    other.close()
