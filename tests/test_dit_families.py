@@ -235,7 +235,7 @@ def test_flux_ip_adapter_and_fused_projections_are_refused():
 def test_transformer_pipelines_without_a_family_are_refused():
     import diffusers
 
-    for name in ("ChromaPipeline", "QwenImagePipeline", "StableDiffusion3ControlNetPipeline"):
+    for name in ("ChromaInpaintPipeline", "QwenImagePipeline", "StableDiffusion3ControlNetPipeline"):
         cls = getattr(diffusers, name)
         with pytest.raises(UnsupportedPipelineError, match=f"cannot guard .*{name}"):
             family_for(object.__new__(cls))

@@ -1,4 +1,4 @@
-"""Tiny random-weight transformer-backbone (DiT) pipelines: Flux, SD3/SD3.5, PixArt-Sigma, Sana.
+"""Tiny random-weight transformer-backbone (DiT) pipelines: Flux, Chroma, SD3/SD3.5, PixArt-Sigma, Sana.
 
 Each builder makes the family's real diffusers pipeline class from small configs with the
 real topology where a guard depends on it (block kinds and counts, joint vs cross attention,
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "tiny_flux_pipeline",
+    "tiny_chroma_pipeline",
     "tiny_sd3_pipeline",
     "tiny_sd35_pipeline",
     "tiny_pixart_pipeline",
@@ -44,6 +45,7 @@ __all__ = [
 # text widths, chosen all different so that a mix-up of encoders shows as a shape error
 _FLUX_CLIP_HIDDEN = 32  # pooled CLIP -> pooled_projection_dim
 _FLUX_T5_HIDDEN = 48  # T5 -> joint_attention_dim
+_CHROMA_T5_HIDDEN = 56
 _SD3_CLIP_L_HIDDEN = 32
 _SD3_CLIP_G_HIDDEN = 48  # CLIP-L + CLIP-G = 80 (pooled and per token), zero-padded to T5's width
 _SD3_T5_HIDDEN = 96
@@ -212,6 +214,56 @@ def tiny_flux_pipeline(kind: FluxKind = "text2img", *, seed: int = 0, guidance_e
     if kind in ("text2img", "img2img", "inpaint", "kontext"):
         components.update(image_encoder=None, feature_extractor=None)
     return _finish(pipeline_cls(**components))
+
+
+# ---------------------------------------------------------------------------------------------
+# Chroma
+
+ChromaKind = Literal["text2img", "img2img"]
+
+
+@quiet_loading()
+def tiny_chroma_pipeline(kind: ChromaKind = "text2img", *, seed: int = 0) -> Any:
+    """A Chroma pipeline (``ChromaPipeline`` or ``ChromaImg2ImgPipeline``), random weights.
+
+    ``ChromaTransformer2DModel``: Flux's layout with its attention (``FluxAttention``,
+    ``FluxAttnProcessor``): 2 double-stream ``transformer_blocks`` then 2 single-stream
+    ``single_transformer_blocks``, 2 heads of 16, RoPE axes (4, 6, 6); modulation from a small
+    approximator (16 channels, width 32, 1 layer) instead of Flux's pooled CLIP vector. Text: a
+    T5 encoder only (width 56, T5-style tokenizer, 512 tokens by default; ``text_ids`` are
+    zeros), run with the padding mask; the pipeline passes the transformer an attention mask
+    over ``[text; image]`` (the prompt's tokens, its end token and one pad, then every image
+    token) that every block turns into a ``(B, 1, S, S)`` mask for its attention. Classifier-free
+    guidance (``guidance_scale > 1``, the default 5) is a second denoiser call on the negative
+    prompt. VAE and packing as :func:`tiny_flux_pipeline`. Height/width: multiples of 2 (pass
+    them: the pipeline's default is 128 px here).
+    """
+    from diffusers import ChromaImg2ImgPipeline, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    pipeline_cls = {"text2img": ChromaPipeline, "img2img": ChromaImg2ImgPipeline}[kind]
+    latent_channels = 16
+    packed = 4 * latent_channels
+    with _seeded(seed):
+        transformer = ChromaTransformer2DModel(
+            patch_size=1, in_channels=packed, out_channels=packed, num_layers=2, num_single_layers=2,
+            attention_head_dim=16, num_attention_heads=2, axes_dims_rope=(4, 6, 6),
+            joint_attention_dim=_CHROMA_T5_HIDDEN, approximator_num_channels=16, approximator_hidden_dim=32,
+            approximator_layers=1,
+        ).eval()
+    tokenizer = t5_tokenizer(max_length=512)
+    pipe = pipeline_cls(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+        vae=_kl_vae(seed=seed + 1, latent_channels=latent_channels, shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=_t5_encoder(tokenizer, _CHROMA_T5_HIDDEN, seed=seed + 2),
+        tokenizer=tokenizer,
+        transformer=transformer,
+        image_encoder=None,
+        feature_extractor=None,
+    )
+    return _finish(pipe)
 
 
 # ---------------------------------------------------------------------------------------------

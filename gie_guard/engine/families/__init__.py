@@ -10,6 +10,7 @@ from typing import Any
 
 from ...errors import UnsupportedPipelineError
 from .base import ConceptEncoding, Family, Site, describe
+from .chroma import Chroma
 from .flux import Flux
 from .pixart import PixArt, Sana
 from .sd3 import StableDiffusion3
@@ -17,12 +18,12 @@ from .unet import StableDiffusion, StableDiffusionXL
 
 __all__ = ["FAMILIES", "ConceptEncoding", "Family", "Site", "family_for", "supported_pipelines"]
 
-FAMILIES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusionXL, PixArt, Sana, StableDiffusion3, Flux)
+FAMILIES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusionXL, PixArt, Sana, StableDiffusion3, Flux, Chroma)
 
 # Transformer pipelines people ask for that the engine does not guard yet, and why.
 NOT_YET: dict[str, str] = {
     "Flux2Pipeline": "Flux.2's transformer (Mistral text states, new block layout) has no gie_guard family yet",
-    "ChromaPipeline": "Chroma's transformer has no gie_guard family yet",
+    "ChromaInpaintPipeline": "Chroma's inpainting pipeline is not covered by gie_guard's chroma family yet",
     "QwenImagePipeline": "Qwen-Image's dual-stream transformer has no gie_guard family yet",
     "HiDreamImagePipeline": "HiDream's transformer has no gie_guard family yet",
     "AuraFlowPipeline": "AuraFlow's transformer has no gie_guard family yet",

@@ -1,0 +1,89 @@
+"""Chroma (``ChromaPipeline``, ``ChromaImg2ImgPipeline``): Flux's transformer layout and
+attention (``FluxAttention``, ``FluxAttnProcessor``: double-stream blocks over ``[text; image]``
+with rotary positions, then single-stream blocks), T5 text only, and an attention mask.
+
+- **Text**: T5 only (``max_sequence_length`` slots, 512 by default), encoded with the padding
+  mask. There is no CLIP and no pooled vector: modulation comes from the timestep alone
+  (Chroma's approximator), so everything the prompt says reaches the image through attention.
+- **The mask**: the pipeline marks the prompt's own tokens, its end token and *one* pad as
+  real (``mask_indices <= seq_lengths``), appends ones for the image tokens and passes the
+  ``(B, T + N)`` mask to the transformer; every block turns it into ``m[:, None, None, :] *
+  m[:, None, :, None]`` (``(B, 1, S, S)``) for its attention. diffusers 0.42 builds it as a
+  *float* 0/1 tensor, which scaled-dot-product attention adds to the logits (diffusers issue
+  12116): unmasked pairs get +1, pads +0, nothing is removed. The guard keeps whatever the
+  pipeline passes, bool or float, exactly as SDPA reads it.
+- **Concepts**: encoded by the pipeline's own ``encode_prompt`` as if each were the prompt.
+  Its own tokens are the non-special T5 ids; they, the end token and the one pad the mask
+  leaves visible ride along (the slots Chroma's mask makes real for a prompt), with text
+  position ids of zero as the prompt has, and with mask ones, inserted after the prompt's
+  text and before the image tokens.
+- **Classifier-free guidance** (``guidance_scale > 1``, the default) is a second denoiser call
+  with the negative prompt's embeddings, ids and mask; that call is left alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Site, concept_slots
+from .flux import Flux
+from .pixart import _call_default
+from .sd3 import ride_along_slots
+
+__all__ = ["Chroma", "chroma_ride_along_slots"]
+
+
+def chroma_ride_along_slots(ids: list[int], own: list[int], end_id: int | None, pad_id: int | None) -> list[int]:
+    """The concept's own slots, its end token and the one pad after it: the slots Chroma's
+    mask leaves visible when the concept is the prompt."""
+    slots = ride_along_slots(ids, own, end_id)
+    after = slots[-1] + 1
+    if len(slots) > len(own) and pad_id is not None and after < len(ids) and ids[after] == pad_id:
+        slots.append(after)
+    return slots
+
+
+class Chroma(Flux):
+    name = "chroma"
+    pipelines = ("ChromaPipeline", "ChromaImg2ImgPipeline")
+    refused: dict[str, str] = {}
+    text_first = True
+    default_sink = "image"
+    fused_projections = False
+    shared_kwargs = frozenset({"txt_ids", "img_ids"})  # positions; the attention mask is per row
+
+    def sites(self, pipe: Any) -> tuple[Site, ...]:
+        return super().sites(pipe)  # transformer_blocks.i.attn (joint), single_transformer_blocks.i.attn
+
+    def encoding_options(self, pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        length = kwargs.get("max_sequence_length") or _call_default(pipe, "max_sequence_length", 512)
+        return {"max_sequence_length": int(length)}
+
+    def _slots(self, pipe: Any, text: str, concept_id: str, options: dict[str, Any]) -> tuple[list[int], list[int]]:
+        tokenizer = pipe.tokenizer
+        convert = getattr(pipe, "maybe_convert_prompt", None)  # textual-inversion tokens expand as in a prompt
+        ids, own = concept_slots(tokenizer, text, concept_id, max_length=options["max_sequence_length"], convert=convert)
+        return own, chroma_ride_along_slots(ids, own, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+    def _encode_prompt(self, pipe: Any, texts: list[str], options: dict[str, Any]) -> torch.Tensor:
+        # (embeds, text ids, mask, negative embeds, negative text ids, negative mask)
+        embeds: torch.Tensor = pipe.encode_prompt(
+            prompt=texts, device=pipe._execution_device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False, max_sequence_length=options["max_sequence_length"],
+        )[0]
+        return embeds
+
+    def prompt_embeddings(self, result: Any, call_index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        # one encode_prompt call per generation returns both; the denoiser is called once per branch
+        return result[0], result[3]
+
+    def ride_along(self, args: tuple[Any, ...], kwargs: dict[str, Any], tokens: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        text_length = int(kwargs["encoder_hidden_states"].shape[1])
+        args, new = super().ride_along(args, kwargs, tokens)  # text states and txt_ids
+        mask = kwargs.get("attention_mask")
+        if mask is not None:  # [text; image]: the carried tokens are real text, after the prompt's
+            ones = mask.new_ones(mask.shape[0], tokens.shape[0])
+            new["attention_mask"] = torch.cat([mask[:, :text_length], ones, mask[:, text_length:]], dim=1)
+        return args, new
