@@ -19,6 +19,7 @@ from .adapters import AdapterLibrary, AdapterScales, AutoChoice, Fingerprint, ch
 from .engine import (
     CallRecord,
     ConceptSpec,
+    Family,
     Plan,
     PresenceGate,
     StepWindow,
@@ -31,7 +32,7 @@ from .engine import ownership
 from .errors import ConfigurationError, ContentBlockedError, GuardError, PolicyError
 from .logs import install_log_filters
 from .metrics import GuardMetrics
-from .plan_cache import DEFAULT_MAX_PLAN_BYTES, DEFAULT_MAX_PLANS, TOKENIZERS, PlanCache, encoder_fingerprint
+from .plan_cache import DEFAULT_MAX_PLAN_BYTES, DEFAULT_MAX_PLANS, PlanCache, encoder_fingerprint
 from .policy import PolicySnapshot, PolicyStore
 from .report import AppliedConcept, GuardedOutput, GuardReport
 from .verifiers import Verifier, check_verifiers, default_verifiers, run_verifiers
@@ -48,14 +49,14 @@ def _unguarded_call(pipe: Any) -> Callable[..., Any]:
     return call
 
 
-def _compile_view(pipe: Any) -> Any:
+def _compile_view(pipe: Any, family: Family) -> Any:
     """``pipe`` as a plan compile sees it: the same models, private copies of its tokenizers.
     Fast tokenizers keep padding and truncation settings as state, so a compile (on a reload's
     watcher thread) must never share one with code using the pipeline meanwhile (a guarded call,
     or a service counting prompt tokens). A shallow copy costs microseconds; a tokenizer copy
     tens of milliseconds (46 ms for the tiny pipelines' BERT tokenizer), once per compile."""
     view = copy.copy(pipe)
-    for name in TOKENIZERS:
+    for name in family.tokenizer_attrs:
         tokenizer = pipe.__dict__.get(name)
         if tokenizer is not None:
             object.__setattr__(view, name, copy.deepcopy(tokenizer))
@@ -334,7 +335,7 @@ class Guard:
         family = family_for(pipe)
         options = family.encoding_options(pipe, dict(kwargs))
         key = (snapshot.content_hash, tuple(sorted(options.items())), self._sink, id(family.denoiser(pipe)),
-               encoder_fingerprint(pipe, kwargs))
+               encoder_fingerprint(pipe, kwargs, family))
         plan = self._plans.get(pipe, key)
         if plan is not None:
             return plan, 0.0
@@ -343,7 +344,7 @@ class Guard:
         # copies, and never run beside a guarded call on the same denoiser (a reload compiles from
         # the watcher thread; a LoRA scale is applied to the text encoder while it encodes).
         with denoiser_lock(family.denoiser(pipe)):
-            plan = compile_plan(_compile_view(pipe), specs, self._window(snapshot), options=options, family=family, sink=self._sink,  # type: ignore[arg-type]
+            plan = compile_plan(_compile_view(pipe, family), specs, self._window(snapshot), options=options, family=family, sink=self._sink,  # type: ignore[arg-type]
                                 preserve=self._preserve or snapshot.policy.preserve_by,  # type: ignore[arg-type]
                                 controlnet=self._controlnet or snapshot.policy.controlnet,  # type: ignore[arg-type]
                                 **self._engine_options)  # type: ignore[arg-type]

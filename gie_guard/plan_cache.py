@@ -28,18 +28,15 @@ from typing import Any
 
 import torch
 
-from .engine import Plan
+from .engine import Family, Plan
 
-__all__ = ["DEFAULT_MAX_PLAN_BYTES", "DEFAULT_MAX_PLANS", "TOKENIZERS", "PlanCache", "encoder_fingerprint", "plan_bytes"]
+__all__ = ["DEFAULT_MAX_PLAN_BYTES", "DEFAULT_MAX_PLANS", "PlanCache", "encoder_fingerprint", "plan_bytes"]
 
 # Enough for a few policies x encoding settings per pipeline; one plan of a 1,000-concept policy
 # on SD 1.5 is about 1,000 x 77 x 768 float32 = 236 MB, so the byte bound decides for big ones.
 DEFAULT_MAX_PLANS = 32
 DEFAULT_MAX_PLAN_BYTES = 1 << 30  # 1 GiB
 
-_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")  # the pipeline attributes that hold tokenizers
-_CALL_SCALES = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 
 
 # text encoder -> (hash of its weights' identities, its PEFT tuner layers): finding the layers
@@ -71,10 +68,11 @@ def _peft_state(module: torch.nn.Module, weights: int) -> tuple[Any, ...]:
     return tuple(state)
 
 
-def encoder_fingerprint(pipe: Any, kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What changes concept encodings between calls (see the module's docstring)."""
+def encoder_fingerprint(pipe: Any, kwargs: Mapping[str, Any], family: Family) -> tuple[Any, ...]:
+    """What changes concept encodings between calls (see the module's docstring); the
+    family names the pipeline's text encoders, tokenizers and LoRA-scale keyword."""
     state: list[Any] = []
-    for name in _TEXT_ENCODERS:
+    for name in family.text_encoder_attrs:
         module = getattr(pipe, name, None)
         if module is None or not hasattr(module, "parameters"):
             continue
@@ -82,28 +80,26 @@ def encoder_fingerprint(pipe: Any, kwargs: Mapping[str, Any]) -> tuple[Any, ...]
         identities = hash(tuple(map(id, params)))
         weights = hash(tuple((p.data_ptr(), p._version) for p in params))
         state.append((name, id(module), identities, weights, _peft_state(module, identities)))
-    for name in TOKENIZERS:
+    for name in family.tokenizer_attrs:
         tokenizer = getattr(pipe, name, None)
         if tokenizer is not None:
             state.append((name, id(tokenizer), len(tokenizer)))
-    for key in _CALL_SCALES:
-        extra = kwargs.get(key) or {}
-        if isinstance(extra, Mapping) and "scale" in extra:
-            state.append((key, float(extra["scale"])))
+    key = family.lora_scale_kwarg
+    extra = (kwargs.get(key) or {}) if key else {}
+    if isinstance(extra, Mapping) and "scale" in extra:
+        state.append((key, float(extra["scale"])))
     if "lora_scale" in kwargs:
         state.append(("lora_scale", kwargs["lora_scale"]))
     return tuple(state)
 
 
 def plan_bytes(plan: Plan) -> int:
-    """Bytes of the tensors a plan holds (encodings and scales; device copies made later
-    for joint families are counted as one more copy of the encodings)."""
+    """Bytes of the tensors a plan holds (encodings and scales; a call's device copy of the
+    carried tokens lives only as long as the call)."""
     total = 0
     for tensor in (plan.embeddings, plan.token_scales, plan.anchor_embeddings):
         if tensor is not None:
             total += tensor.numel() * tensor.element_size()
-    if plan.family.joint and plan.embeddings is not None:
-        total += plan.embeddings.numel() * plan.embeddings.element_size()
     return total
 
 

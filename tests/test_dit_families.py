@@ -140,8 +140,7 @@ def test_sd3_joint_block_matches_its_literal_reference(sd3_pipe, count, sink):
     for site in ("transformer_blocks.0.attn", "transformer_blocks.2.attn"):  # the last is context_pre_only
         attn = sd3_pipe.transformer.get_submodule(site)
         image, text, states, weights = joint_inputs(attn, plan)
-        with torch.no_grad(), engine_layer(sd3_pipe, plan, rows=[1]) as call:
-            call.text_length = text.shape[1]
+        with torch.no_grad(), engine_layer(sd3_pipe, plan, rows=[1], text_length=text.shape[1]):
             got_image, got_text = attn(hidden_states=image, encoder_hidden_states=torch.cat([text, *states], dim=1))
         want_image, want_concepts = literal_joint_attention(attn, image, text, list(zip(states, weights)), [1], sink=sink)
         plain_image, _ = literal_joint_attention(attn, image, text, [(s, w * 0) for s, w in zip(states, weights)], [1])

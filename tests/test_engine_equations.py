@@ -115,8 +115,7 @@ def test_zero_scale_is_the_identity(sd_pipe):
     hidden = torch.randn(2, 16, attn.to_q.in_features)
     with torch.no_grad():
         plain = attn(hidden, encoder_hidden_states=text)
-        with engine_layer(sd_pipe, plan, rows=[1]) as call:
-            call.scales = torch.zeros_like(plan.token_scales)
+        with engine_layer(sd_pipe, plan, rows=[1], scales=torch.zeros_like(plan.token_scales)):
             got = attn(hidden, encoder_hidden_states=text)
     torch.testing.assert_close(got, plain, rtol=0, atol=1e-6)
     # and a plan whose only concept has scale 0 installs nothing at all

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from gie_guard import ConceptError, Guard, GuardMetrics, PolicyError, load_policy
 from gie_guard.engine import ConceptSpec
 from gie_guard.limits import MIN_SCALE
+from gie_guard.engine import family_for
 from gie_guard.plan_cache import PlanCache, encoder_fingerprint
 
 STRONG = {"name": "strong", "concepts": [{"id": "beach", "text": "beach", "scale": 5.0}]}
@@ -43,8 +44,8 @@ def test_peft_scales_and_replaced_weights_invalidate_the_plan():
     state = {k: v * 0.5 for k, v in pipe.text_encoder.state_dict().items()}
     pipe.text_encoder.load_state_dict(state)
     assert plan(guard, pipe) is not third
-    fingerprint = encoder_fingerprint(pipe, {})
-    assert fingerprint == encoder_fingerprint(pipe, {})  # stable while nothing changes
+    fingerprint = encoder_fingerprint(pipe, {}, family_for(pipe))
+    assert fingerprint == encoder_fingerprint(pipe, {}, family_for(pipe))  # stable while nothing changes
     guard.close()
 
 

@@ -4,10 +4,14 @@
     with guarded_call(pipe, plan) as record:
         images = pipe(prompt).images
 
-Layout: ``families/`` (what each pipeline family is: sites, encodings, rows), ``attention``
-(the maths), ``cross`` (hooks around a cross-attention layer's own processor), ``joint``
-(the processor of joint-attention blocks), ``call`` (one call: clock, invariants, restore),
-``plan`` (what a call needs that does not change between calls).
+Layout: ``families/`` (what each pipeline family is: sites, their handlers, encodings),
+``plan`` (what a call needs that does not change between calls), ``call`` (the entry
+points: locks, ``guarded_call``, ``observing``), ``coordinator`` (one call: install the
+family's site handlers, step contexts, record, invariants, restore) with ``clock`` (the
+step clock), ``rows`` (prompt rows), ``install`` (patches and hooks), ``context`` (what
+sites may read), ``sites`` (the handler protocol), ``inhibition`` (measure, observe,
+anchors and inhibit, once for every kind of site), ``cross`` and ``joint`` (the built-in
+handlers), ``attention`` (the maths), ``record`` (the call record and its protocols).
 """
 
 from ..window import StepWindow

@@ -26,6 +26,7 @@ the concept's keys plus a per-query gate, never a pass over the sink's keys.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +38,11 @@ __all__ = [
     "concept_maps",
     "inhibitor",
     "maps_without_anchors",
+    "masked_lse",
     "mean_concept_map",
     "merge_partial_attention",
     "project_off",
+    "split_heads",
 ]
 
 
@@ -61,29 +64,13 @@ def attend(
     return out.view(b, h, n, -1)
 
 
-def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention and the log of each query's normaliser: ``(B, h, N, d)``, ``(B, h, N)``
-    (float32). Uses the fused kernels that return it where PyTorch has them, else an exact
-    computation in chunks of queries."""
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        try:
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
-            return out, lse.float()
-        except (RuntimeError, AttributeError):
-            pass
-    elif q.device.type == "cuda":
-        try:
-            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)[:2]
-            if out.shape == q.shape[:3] + v.shape[-1:] and lse.shape[-1] >= q.shape[2]:
-                return out, lse[..., : q.shape[2]].float()  # the kernel pads its lse to a block size
-        except (RuntimeError, AttributeError):
-            pass
-    return _attend_with_lse_exact(q, k, v, scale)
-
-
-def _attend_with_lse_exact(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int = 1024
+def attend_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, chunk: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention and the log of each query's normaliser: ``(B, h, N, d)``, ``(B, h, N)``
+    (float32), exact, in chunks of queries. Used over a concept's few keys (a handful per
+    concept), never over the prompt's: the prompt's attention runs through the model's own
+    attention backend (joint.py)."""
     outs: list[torch.Tensor] = []
     lses: list[torch.Tensor] = []
     for i in range(0, q.shape[2], chunk):
@@ -92,6 +79,43 @@ def _attend_with_lse_exact(
         outs.append((torch.exp(logits - lse[..., None]) @ v.float()).to(q.dtype))
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def split_heads(x: torch.Tensor, heads: int, norm: Any = None, norm_place: str = "heads") -> torch.Tensor:
+    """``(B, S, heads * d)`` -> ``(B, heads, S, d)``, with a q/k norm applied where the layer's
+    processor applies it: "heads" (per head, after the split) or "inner" (before it)."""
+    if norm_place == "inner" and norm is not None:
+        x = norm(x)
+    x = x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
+    if norm_place == "heads" and norm is not None:
+        x = norm(x)
+    return x
+
+
+# an additive mask at or below this is diffusers' "masked" (-10000, or -inf): exp() of it is 0
+# in float32 next to any real logit, so such columns can be left out of a normaliser exactly
+_MASKED = -1e4
+
+
+def masked_lse(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, *, scale: float, chunk: int = 1024) -> torch.Tensor:
+    """log of each query's normaliser in ``softmax(q k^T * scale + mask)``: ``(B, h, N)``
+    float32. ``mask``: None, boolean (True keeps) or additive, ``(B, T)`` or ``(B, 1 | N, T)``.
+    Key columns masked for every row and query are skipped, which is exact and cheap for a
+    padded prompt (PixArt: a few real tokens of 300 slots)."""
+    bias = None
+    if mask is not None:
+        bias = mask.float() if mask.dtype != torch.bool else torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
+        bias = bias[:, None] if bias.ndim == 3 else bias[:, None, None]  # (B, 1, 1 | N, T)
+        live = (bias > _MASKED).flatten(0, -2).any(dim=0).nonzero().flatten()
+        if live.numel() < k.shape[-2]:
+            k, bias = k[..., live, :], bias[..., live]
+    lses = []
+    for i in range(0, q.shape[2], chunk):
+        logits = (q[:, :, i : i + chunk] @ k.transpose(-1, -2)).float() * scale  # (B, h, n, T_live)
+        if bias is not None:
+            logits = logits + (bias if bias.shape[-2] == 1 else bias[..., i : i + chunk, :])
+        lses.append(torch.logsumexp(logits, dim=-1))
+    return torch.cat(lses, dim=2)
 
 
 def merge_partial_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

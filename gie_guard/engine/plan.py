@@ -88,7 +88,6 @@ class Plan:
     preserve: Preserve = "compete"
     controlnet: ControlNetMode = "inhibit"
     compile_seconds: float = field(default=0.0)
-    _tokens: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def is_empty(self) -> bool:
@@ -110,17 +109,13 @@ class Plan:
 
     def ride_along_tokens(self, denoiser: torch.nn.Module) -> torch.Tensor:
         """``(T_c, D)``: every concept's, then every anchor's carried slots, concatenated, on the
-        denoiser's device."""
+        denoiser's device (a new tensor: a call keeps it for its length)."""
         assert self.embeddings is not None
         weight = next(denoiser.parameters())
-        key = (weight.device, weight.dtype)
-        tokens = self._tokens.get(key)
-        if tokens is None:
-            parts = [self.embeddings[c, list(slots)] for c, slots in enumerate(self.ride_along)]
-            if self.anchor_embeddings is not None:
-                parts += [self.anchor_embeddings[a, list(s)] for a, s in enumerate(self.anchor_ride_along)]
-            tokens = self._tokens[key] = torch.cat(parts).to(device=weight.device, dtype=weight.dtype)
-        return tokens
+        parts = [self.embeddings[c, list(slots)] for c, slots in enumerate(self.ride_along)]
+        if self.anchor_embeddings is not None:
+            parts += [self.anchor_embeddings[a, list(s)] for a, s in enumerate(self.anchor_ride_along)]
+        return torch.cat(parts).to(device=weight.device, dtype=weight.dtype)
 
 
 def compile_plan(

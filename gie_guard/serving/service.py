@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ContentBlockedError, GuardedCallError
+from ..engine import family_for
+from ..errors import ContentBlockedError, GuardedCallError, GuardError
 from ..metrics import GuardMetrics
 from .exposition import multiprocess_dir
 from .schemas import MAX_SEED, ConceptOut, FieldProblem, ImageRequest, ReportOut, ServeSettings, concept_label
@@ -544,7 +545,10 @@ def _item_outcome(verification: Verification | None, images: range) -> str:
 def _default_size(pipe: Any) -> tuple[int, int] | None:
     """The pipeline's default (width, height): its denoiser's sample size times the VAE's
     scale factor (SD 1.x: 64 * 8 = 512), or None when it does not say."""
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    try:
+        denoiser = family_for(pipe).denoiser(pipe)
+    except GuardError:  # not a pipeline gie_guard guards: the service refuses it elsewhere
+        return None
     sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
     factor = getattr(pipe, "vae_scale_factor", None)
     if isinstance(sample, int) and isinstance(factor, int):

@@ -158,22 +158,21 @@ def literal_joint_attention(
 
 
 @contextlib.contextmanager
-def engine_layer(pipe: Any, plan: Any, rows: Sequence[int], *, active: bool = True) -> Iterator[Any]:
+def engine_layer(
+    pipe: Any, plan: Any, rows: Sequence[int], *, active: bool = True, text_length: int | None = None,
+    scales: torch.Tensor | None = None,
+) -> Iterator[Any]:
     """Inside the block, direct calls of ``pipe``'s attention layers run through the engine as
-    in a guarded denoising step whose prompt rows are ``rows`` (measuring at step 0)."""
-    from ..engine.call import EngineCall, _as_index
+    in a guarded denoising step whose prompt rows are ``rows`` (measuring at step 0), through
+    the coordinator's public seam (``EngineCall.layer_context``). Joint families: the caller
+    appends the carried tokens after ``text_length`` prompt tokens."""
+    from ..engine.coordinator import EngineCall
 
     call = EngineCall(pipe, plan)
     call.install()
     try:
-        call.rows = _as_index(tuple(rows))
-        call.active = active
-        call.measuring = True
-        call._riding = plan.family.joint
-        if plan.family.joint:  # the caller appends the carried tokens after `text_length` prompt tokens
-            call.concept_length = int(sum(len(s) for s in (*plan.ride_along, *plan.anchor_ride_along)))
-            call.concept_spans = plan.ride_along_spans
-        yield call
+        with call.layer_context(rows, inhibit=active, measure=True, text_length=text_length, scales=scales):
+            yield call
     finally:
         call.remove()
 
@@ -212,8 +211,7 @@ def engine_joint_block(
     sequence's (prompt, then concept tokens). ``single``: a Flux single-stream block."""
     t_all = text.shape[1] + sum(s.shape[1] for s in states)
     extra = {} if rotary is None else {"image_rotary_emb": rotary}
-    with engine_layer(pipe, plan, rows=rows) as call:
-        call.text_length = text.shape[1]
+    with engine_layer(pipe, plan, rows=rows, text_length=text.shape[1]):
         if single:
             out = attn(hidden_states=torch.cat([text, *states, image], dim=1), **extra)
             return out[:, t_all:], out[:, :t_all]

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..engine import family_for
 from ..logs import quiet_loading
 from .unet import tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -168,8 +169,7 @@ def tiny_sdxl_pag_pipeline(
 
 
 def _denoiser(pipe: Any) -> Any:
-    denoiser = getattr(pipe, "unet", None)
-    return denoiser if denoiser is not None else pipe.transformer
+    return family_for(pipe).denoiser(pipe)
 
 
 def with_lora(
@@ -198,7 +198,7 @@ def with_lora(
     with _seeded(seed):
         _denoiser(pipe).add_adapter(config(["to_q", "to_k", "to_v", "to_out.0"]), adapter_name=adapter_name)
         if text_encoders:
-            for name in ("text_encoder", "text_encoder_2"):
+            for name in family_for(pipe).text_encoder_attrs:
                 encoder = getattr(pipe, name, None)
                 if encoder is not None and type(encoder).__name__.startswith("CLIPTextModel"):
                     # peft directly: transformers 5's ``add_adapter`` asks for peft >= 0.22, not on PyPI yet

@@ -1,41 +1,28 @@
 """What the engine needs to know about one family of pipelines, and nothing else.
 
 A family module (unet.py, pixart.py, sd3.py, flux.py) subclasses :class:`Family` and is
-registered in ``families/__init__.py``. The Guard, the plan, the report and the metrics only
-ever talk to this interface; adding a family is a module and its tests.
+registered in ``families/__init__.py``. The Guard, the plan, the call's coordinator, the
+report and the metrics only ever talk to this interface; the family also supplies the
+handler of each kind of attention site it has (``site_handlers``), so adding a family,
+even one with a new kind of attention, is a module and its tests (docs/families.md, "How
+to add a family").
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 
 from ...errors import ConceptError, UnsupportedPipelineError
+from ..cross import CrossHandler
+from ..joint import JointHandler
+from ..sites import Site, SiteHandler, SiteKind
 
-__all__ = ["ConceptEncoding", "Family", "Site", "SiteKind", "concept_slots", "describe"]
-
-# "cross": a cross-attention layer over text states that do not change within a call (UNet
-#          attn2, PixArt/Sana attn2); inhibited by hooks around the layer's own processor.
-# "joint": a joint-attention block over [image; text] whose text stream changes from block
-#          to block (SD3, Flux double-stream), replaced by the engine's processor in the window.
-# "single": a Flux single-stream block (one projection for text and image, no to_out).
-SiteKind = Literal["cross", "joint", "single"]
-
-
-@dataclass(frozen=True, eq=False)
-class Site:
-    """One attention layer the concepts act on."""
-
-    name: str  # module path inside the denoiser, e.g. "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
-    # a diffusers Attention (torch.nn.Module); diffusers is read untyped, and the engine reads
-    # its processor, projections and norms by name
-    module: Any
-    kind: SiteKind
-    block: int | None = None  # transformer block index, for calls that skip blocks (SD3 skip-layer guidance)
-
+__all__ = ["ConceptEncoding", "Family", "JointFamily", "Site", "SiteKind", "concept_slots", "describe", "ride_along_slots"]
 
 @dataclass(frozen=True, eq=False)
 class ConceptEncoding:
@@ -81,6 +68,24 @@ def concept_slots(
     return list(ids), own
 
 
+def ride_along_slots(ids: Sequence[int], own: Sequence[int], end_id: int | None, offset: int = 0) -> list[int]:
+    """The concept's own slots and the end token right after them, shifted by ``offset``:
+    what a joint family carries along for a concept."""
+    slots = list(own)
+    after = max(own) + 1
+    if end_id is not None and after < len(ids) and ids[after] == end_id:
+        slots.append(after)
+    return [offset + s for s in slots]
+
+
+def call_default(pipe: Any, name: str, fallback: Any) -> Any:
+    """The default of ``pipe.__call__``'s keyword ``name`` (what a prompt is encoded with)."""
+    import inspect
+
+    parameter = inspect.signature(type(pipe).__call__).parameters.get(name)
+    return fallback if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
 class Family:
     """Base of every family. Subclasses set the class attributes and override the methods
     their pipelines need; the defaults fit diffusers' usual layouts."""
@@ -97,6 +102,12 @@ class Family:
     default_sink: ClassVar[str] = "own"
     # denoiser keyword arguments that are not per batch row (never sliced for a probe pass)
     shared_kwargs: ClassVar[frozenset[str]] = frozenset()
+    # the pipeline attributes that hold its tokenizers and text encoders (a plan depends on
+    # them: plan_cache fingerprints the encoders; compiles run on private tokenizer copies)
+    tokenizer_attrs: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    text_encoder_attrs: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    # the pipeline call's keyword whose "scale" sets a LoRA's strength on the text encoders
+    lora_scale_kwarg: ClassVar[str | None] = "cross_attention_kwargs"
 
     def __init__(self, pipeline_class: str) -> None:
         self.pipeline_class = pipeline_class
@@ -142,9 +153,17 @@ class Family:
     def sites(self, pipe: Any) -> tuple[Site, ...]:
         raise NotImplementedError
 
+    def site_handlers(self) -> dict[SiteKind, SiteHandler]:
+        """The handler of each kind of site this family's ``sites`` (and ``aux_sites``) have."""
+        return {"cross": CrossHandler()}
+
     def aux_models(self, pipe: Any) -> list[tuple[str, torch.nn.Module]]:
         """Other models a step runs on the prompt's text before the denoiser (ControlNets), by
         name: the engine can inhibit their cross-attention too."""
+        return []
+
+    def aux_sites(self, pipe: Any) -> list[tuple[torch.nn.Module, tuple[Site, ...]]]:
+        """The attention sites of each auxiliary model, named ``{model name}.{layer}``."""
         return []
 
     def owned_models(self, pipe: Any) -> list[torch.nn.Module]:
@@ -209,6 +228,39 @@ class JointFamily(Family):
     and its own tokens, with the end token after them, ride along in the text sequence."""
 
     joint = True
+    lora_scale_kwarg = "joint_attention_kwargs"
+
+    @classmethod
+    def processors(cls) -> set[type]:
+        """The diffusers processor classes of this family's joint blocks (reproduced exactly)."""
+        raise NotImplementedError
+
+    def site_handlers(self) -> dict[SiteKind, SiteHandler]:
+        handler = JointHandler(self.processors, text_first=self.text_first)
+        return {"joint": handler, "single": handler}
+
+    def hold_concept_states(
+        self, denoiser: torch.nn.Module, sites: Sequence[Site], span: Callable[[], slice | None]
+    ) -> list[Any]:
+        """The "static" measurement baseline: every block sees the concept tokens as they
+        entered the first. ``span()``: the carried tokens' slots in the text sequence while
+        they ride in this thread's call, else None. Returns the hook handles."""
+        blocks = list(dict.fromkeys(denoiser.get_submodule(s.name.rsplit(".", 1)[0]) for s in sites))
+        held: dict[int, torch.Tensor] = {}
+
+        def first(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            where = span()
+            if where is not None:
+                held[threading.get_ident()] = kwargs["encoder_hidden_states"][:, where].clone()
+
+        def after(_module: Any, _args: tuple[Any, ...], _kwargs: dict[str, Any], output: Any) -> None:
+            where = span()
+            if where is not None and output[0] is not None:
+                output[0][:, where] = held[threading.get_ident()]
+
+        handles = [blocks[0].register_forward_pre_hook(first, with_kwargs=True)]
+        handles += [block.register_forward_hook(after, with_kwargs=True) for block in blocks]
+        return handles
 
     def _slots(self, pipe: Any, text: str, concept_id: str, options: dict[str, Any]) -> tuple[list[int], list[int]]:
         """The concept's own slots and the slots that ride along, in the text sequence."""

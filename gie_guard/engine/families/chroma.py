@@ -27,10 +27,8 @@ from typing import Any
 
 import torch
 
-from .base import Site, concept_slots
+from .base import Site, call_default, concept_slots, ride_along_slots
 from .flux import Flux
-from .pixart import _call_default
-from .sd3 import ride_along_slots
 
 __all__ = ["Chroma", "chroma_ride_along_slots"]
 
@@ -53,12 +51,14 @@ class Chroma(Flux):
     default_sink = "image"
     fused_projections = False
     shared_kwargs = frozenset({"txt_ids", "img_ids"})  # positions; the attention mask is per row
+    tokenizer_attrs = ("tokenizer",)  # T5 only
+    text_encoder_attrs = ("text_encoder",)
 
     def sites(self, pipe: Any) -> tuple[Site, ...]:
         return super().sites(pipe)  # transformer_blocks.i.attn (joint), single_transformer_blocks.i.attn
 
     def encoding_options(self, pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        length = kwargs.get("max_sequence_length") or _call_default(pipe, "max_sequence_length", 512)
+        length = kwargs.get("max_sequence_length") or call_default(pipe, "max_sequence_length", 512)
         return {"max_sequence_length": int(length)}
 
     def _slots(self, pipe: Any, text: str, concept_id: str, options: dict[str, Any]) -> tuple[list[int], list[int]]:

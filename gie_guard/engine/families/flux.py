@@ -17,9 +17,7 @@ from typing import Any
 import torch
 
 from ...errors import UnsupportedPipelineError
-from .base import JointFamily, Site, concept_slots
-from .pixart import _call_default
-from .sd3 import ride_along_slots
+from .base import JointFamily, Site, call_default, concept_slots, ride_along_slots
 
 __all__ = ["Flux"]
 
@@ -43,6 +41,14 @@ class Flux(JointFamily):
     default_sink = "image"
     fused_projections = False  # joint attention is re-implemented around unfused to_q/to_k/to_v
     shared_kwargs = frozenset({"txt_ids", "img_ids"})  # positions, not per batch row
+    tokenizer_attrs = ("tokenizer", "tokenizer_2")
+    text_encoder_attrs = ("text_encoder", "text_encoder_2")
+
+    @classmethod
+    def processors(cls) -> set[type]:
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        return {FluxAttnProcessor}
 
     def sites(self, pipe: Any) -> tuple[Site, ...]:
         model = self.denoiser(pipe)
@@ -58,7 +64,7 @@ class Flux(JointFamily):
         return tuple(double + single)
 
     def encoding_options(self, pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        length = kwargs.get("max_sequence_length") or _call_default(pipe, "max_sequence_length", 512)
+        length = kwargs.get("max_sequence_length") or call_default(pipe, "max_sequence_length", 512)
         return {"max_sequence_length": int(length)}
 
     def _slots(self, pipe: Any, text: str, concept_id: str, options: dict[str, Any]) -> tuple[list[int], list[int]]:

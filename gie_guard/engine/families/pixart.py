@@ -18,22 +18,17 @@ numbers behind the choice.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 
 from ...errors import ConceptError
-from .base import ConceptEncoding, Family, Site, concept_slots
+from ..cross import CrossHandler, NormPlace
+from ..sites import SiteHandler, SiteKind
+from .base import ConceptEncoding, Family, Site, call_default, concept_slots
 
 __all__ = ["PixArt", "Sana"]
-
-
-def _call_default(pipe: Any, name: str, fallback: Any) -> Any:
-    """The default of ``pipe.__call__``'s keyword ``name`` (what a prompt is encoded with)."""
-    parameter = inspect.signature(type(pipe).__call__).parameters.get(name)
-    return fallback if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
 class PixArt(Family):
@@ -41,6 +36,7 @@ class PixArt(Family):
     pipelines: ClassVar[tuple[str, ...]] = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
     default_sink = "prompt"
     fused_projections = False  # the prompt sink reads the prompt's keys from to_k, which fusing bypasses
+    lora_scale_kwarg: ClassVar[str | None] = None  # the pipelines take no attention kwargs
 
     def sites(self, pipe: Any) -> tuple[Site, ...]:
         model = self.denoiser(pipe)
@@ -63,7 +59,7 @@ class PixArt(Family):
         return x
 
     def encoding_options(self, pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        length = kwargs.get("max_sequence_length") or _call_default(pipe, "max_sequence_length", 300)
+        length = kwargs.get("max_sequence_length") or call_default(pipe, "max_sequence_length", 300)
         return {"max_sequence_length": int(length)}
 
     def positions(self, pipe: Any, text: str, concept_id: str, options: dict[str, Any]) -> tuple[int, ...]:
@@ -82,13 +78,24 @@ class PixArt(Family):
         return result[0], result[2]  # (embeds, mask, negative embeds, negative mask)
 
 
+def _sana_processors() -> dict[type, NormPlace]:
+    """Sana's own cross-attention processor, which applies q/k norms before splitting heads."""
+    from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
+
+    return {SanaAttnProcessor2_0: "inner"}
+
+
 class Sana(PixArt):
     name = "sana"
     pipelines = ("SanaPipeline",)
+    lora_scale_kwarg = "attention_kwargs"
+
+    def site_handlers(self) -> dict[SiteKind, SiteHandler]:
+        return {"cross": CrossHandler(extra=_sana_processors)}
 
     def encoding_options(self, pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         options = super().encoding_options(pipe, kwargs)
-        instruction = kwargs.get("complex_human_instruction", _call_default(pipe, "complex_human_instruction", None))
+        instruction = kwargs.get("complex_human_instruction", call_default(pipe, "complex_human_instruction", None))
         options["complex_human_instruction"] = tuple(instruction) if instruction else None
         return options
 

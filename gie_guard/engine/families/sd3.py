@@ -16,19 +16,9 @@ from typing import Any
 
 import torch
 
-from .base import JointFamily, Site, concept_slots
-from .pixart import _call_default
+from .base import JointFamily, Site, call_default, concept_slots, ride_along_slots
 
-__all__ = ["StableDiffusion3", "ride_along_slots"]
-
-
-def ride_along_slots(ids: Sequence[int], own: Sequence[int], end_id: int | None, offset: int = 0) -> list[int]:
-    """The concept's own slots and the end token right after them, shifted by ``offset``."""
-    slots = list(own)
-    after = max(own) + 1
-    if end_id is not None and after < len(ids) and ids[after] == end_id:
-        slots.append(after)
-    return [offset + s for s in slots]
+__all__ = ["StableDiffusion3"]
 
 
 class StableDiffusion3(JointFamily):
@@ -40,6 +30,14 @@ class StableDiffusion3(JointFamily):
     }
     text_first = False
     default_sink = "image"
+    tokenizer_attrs = ("tokenizer", "tokenizer_2", "tokenizer_3")
+    text_encoder_attrs = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+    @classmethod
+    def processors(cls) -> set[type]:
+        from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+        return {JointAttnProcessor2_0}
 
     def sites(self, pipe: Any) -> tuple[Site, ...]:
         model = self.denoiser(pipe)
@@ -61,7 +59,7 @@ class StableDiffusion3(JointFamily):
         return parts
 
     def encoding_options(self, pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        length = kwargs.get("max_sequence_length") or _call_default(pipe, "max_sequence_length", 256)
+        length = kwargs.get("max_sequence_length") or call_default(pipe, "max_sequence_length", 256)
         return {"clip_skip": kwargs.get("clip_skip"), "max_sequence_length": int(length)}
 
     def _slots(self, pipe: Any, text: str, concept_id: str, options: dict[str, Any]) -> tuple[list[int], list[int]]:

@@ -35,6 +35,8 @@ def unet_sites(unet: Any) -> tuple[Site, ...]:  # a diffusers UNet2DConditionMod
 
 class _UNetFamily(Family):
     denoiser_attr = "unet"
+    tokenizer_attrs = ("tokenizer", "tokenizer_2")
+    text_encoder_attrs = ("text_encoder", "text_encoder_2")
 
     def check(self, pipe: Any) -> None:
         from diffusers import UNet2DConditionModel
@@ -61,9 +63,13 @@ class _UNetFamily(Family):
         nets = list(getattr(controlnet, "nets", [controlnet]))  # MultiControlNetModel holds several
         return [(f"controlnet.{i}", net) for i, net in enumerate(nets) if unet_sites(net)]
 
+    def aux_sites(self, pipe: Any) -> list[tuple[torch.nn.Module, tuple[Site, ...]]]:
+        return [(model, tuple(Site(f"{prefix}.{s.name}", s.module, s.kind) for s in unet_sites(model)))
+                for prefix, model in self.aux_models(pipe)]
+
     @staticmethod
     def tokenizers(pipe: Any) -> tuple[Any, ...]:
-        return tuple(t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None)
+        return tuple(t for t in (getattr(pipe, name, None) for name in _UNetFamily.tokenizer_attrs) if t is not None)
 
     def positions(self, pipe: Any, text: str, concept_id: str, options: dict[str, Any]) -> tuple[int, ...]:
         convert = getattr(pipe, "maybe_convert_prompt", None)  # textual-inversion tokens expand like prompts do
