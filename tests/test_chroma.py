@@ -1,9 +1,14 @@
 """Chroma (``ChromaPipeline``, ``ChromaImg2ImgPipeline``) on tiny random-weight pipelines: the
 family is found, concepts are encoded and carried as Chroma's mask makes a prompt's tokens real,
-an empty policy leaves the call bit-identical, and riding concepts extend the text states, the
-text positions and the attention mask at the right place."""
+an empty policy leaves the call bit-identical, riding concepts extend the text states, the text
+positions and the attention mask at the right place; and the joint site under Chroma's mask
+(float 0/1 as diffusers 0.42 passes it, and boolean): the prompt's streams equal the block's own
+processor with concepts riding at w=0, the image rows match a literal masked reference (image
+and prompt sinks), whole calls at w=0 equal the unguarded call, and guarded calls erase."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -13,6 +18,7 @@ from gie_guard import Guard
 from gie_guard.engine import ConceptSpec, StepWindow, compile_plan, family_for
 from gie_guard.engine.families.chroma import Chroma
 from gie_guard.testing import dit
+from gie_guard.testing.reference import engine_layer, flux_rotary, joint_inputs
 
 SETTINGS = dict(height=32, width=32, max_sequence_length=48)
 PROMPT = "a photo of a nude person on a beach"
@@ -156,9 +162,246 @@ def test_chroma_inpaint_is_refused_by_name():
         family_for(object.__new__(diffusers.ChromaInpaintPipeline))
 
 
-def test_a_guarded_call_with_concepts_is_withheld_not_run_unmasked(chroma):
-    """Until the joint site takes Chroma's mask, a call that would inhibit fails closed."""
-    from gie_guard import GuardedCallError
 
-    with pytest.raises(GuardedCallError, match="attention mask"):
-        run(chroma, Guard(policy=STRONG))
+# -- phase B: the joint site with Chroma's mask ------------------------------------------------------
+
+
+def _random_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every q/k norm weight of the attention layers drawn from U(0.5, 1.5) (the tiny pipeline's
+    are all ones, under which norm_q and norm_k are interchangeable)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1].startswith("norm_") and getattr(module, "weight", None) is not None:
+                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def chroma_norms():
+    pipe = dit.tiny_chroma_pipeline()
+    _random_norms(pipe.transformer)
+    return pipe
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _pairs(m: torch.Tensor) -> torch.Tensor:
+    """(B, S) -> (B, 1, S, S) as every Chroma block makes it: m_i * m_j."""
+    return m[:, None, None, :] * m[:, None, :, None]
+
+
+def _sdpa_bias(m_q: torch.Tensor, m_k: torch.Tensor) -> torch.Tensor:
+    """What scaled-dot-product attention adds for queries ``m_q`` and keys ``m_k`` of a Chroma
+    mask: ``m_i * m_j`` itself when float, 0 / -inf when boolean."""
+    pairs = m_q[:, None] * m_k[None, :]
+    if pairs.dtype == torch.bool:
+        return torch.zeros(pairs.shape).masked_fill(~pairs, float("-inf"))
+    return pairs.float()
+
+
+@torch.no_grad()
+def literal_masked_joint_attention(attn, image, text, states, weights, rows, mask, *, single, rotary, sink="image"):
+    """One Chroma block with GIE, by hand, row by row: the image tokens' attention outputs
+    (before ``to_out``) and, per concept, its carried tokens' outputs. ``mask`` ``(B, T + sum
+    T_c + N)`` is the transformer's mask after the ride-along (prompt text, carried tokens,
+    image); every pair of tokens gets SDPA's reading of ``m_i * m_j``. Prompt queries see image
+    and prompt keys only; for ``rows`` the image queries' map gets each concept's columns at
+    ``-w M_c``, ``M_c = exp(s_c) / (Z_sink + sum_c exp(s_c))`` (each logit with its bias), the
+    sink being the image keys (``sink="image"``) or image and prompt keys (``"prompt"``, where a
+    masked key must not count); a concept's tokens attend over ``[image; their own]``."""
+
+    def project(x, text_side):
+        added = text_side and not single
+        to_q, to_k, to_v = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj) if added else (attn.to_q, attn.to_k, attn.to_v)
+        norm_q = attn.norm_added_q if added else attn.norm_q
+        norm_k = attn.norm_added_k if added else attn.norm_k
+        q, k, v = (t.view(t.shape[0], attn.heads, -1) for t in (to_q(x), to_k(x), to_v(x)))
+        return norm_q(q), norm_k(k), v
+
+    def rope(x, at):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        cos, sin = rotary
+        return apply_rotary_emb(x[None], (cos[at], sin[at]), sequence_dim=1)[0]
+
+    n, t = image.shape[1], text.shape[1]
+    t_c = [s.shape[1] for s in states]
+    t_all = t + sum(t_c)
+    out_image, out_concepts = [], [[] for _ in states]
+    for b in range(image.shape[0]):
+        m = mask[b]
+        m_txt, m_img = m[:t], m[t_all:]
+        qi, ki, vi = project(image[b], False)
+        qt, kt, vt = project(text[b], True)
+        qi, ki = rope(qi, slice(t_all, t_all + n)), rope(ki, slice(t_all, t_all + n))
+        kt = rope(kt, slice(0, t))
+        qi, ki, vi, kt, vt = (x.transpose(0, 1) for x in (qi, ki, vi, kt, vt))  # (h, S, d)
+        d = qi.shape[-1]
+        keys, values = torch.cat([kt, ki], dim=1), torch.cat([vt, vi], dim=1)
+        logits = qi @ keys.transpose(-1, -2) / math.sqrt(d) + _sdpa_bias(m_img, torch.cat([m_txt, m_img]))
+        maps = torch.softmax(logits, dim=-1)
+        for c, (st, w) in enumerate(zip(states, weights)):
+            lo = t + sum(t_c[:c])
+            m_c = m[lo : lo + t_c[c]]
+            qc, kc, vc = project(st[b], True)
+            qc, kc = rope(qc, slice(lo, lo + t_c[c])), rope(kc, slice(lo, lo + t_c[c]))
+            qc, kc, vc = (x.transpose(0, 1) for x in (qc, kc, vc))
+            own = torch.softmax(qc @ torch.cat([ki, kc], dim=1).transpose(-1, -2) / math.sqrt(d)
+                                + _sdpa_bias(m_c, torch.cat([m_img, m_c])), dim=-1)
+            out_concepts[c].append((own @ torch.cat([vi, vc], dim=1)).transpose(0, 1).reshape(t_c[c], -1))
+            if b in rows:
+                lc = qi @ kc.transpose(-1, -2) / math.sqrt(d) + _sdpa_bias(m_img, m_c)
+                sink_logits = logits[..., t:] if sink == "image" else logits  # image keys, or all the prompt's
+                mc = torch.exp(lc - torch.logsumexp(torch.cat([sink_logits, lc], dim=-1), dim=-1, keepdim=True))
+                maps = torch.cat([maps, -w * mc], dim=-1)
+                values = torch.cat([values, vc], dim=1)
+        out_image.append((maps @ values).transpose(0, 1).reshape(n, -1))
+    return torch.stack(out_image), [torch.stack(o) for o in out_concepts]
+
+
+def _block_case(pipe, site, dtype, sink=None):
+    """A Chroma block, random inputs for two rows (row 0 the negative prompt's, row 1 the
+    prompt's) with Chroma-style text masks of different lengths, and the concepts riding."""
+    plan = compile_plan(pipe, CONCEPTS, StepWindow(0.0, 1.0), options={"max_sequence_length": 48}, sink=sink)
+    attn = pipe.transformer.get_submodule(site)
+    single = site.startswith("single")
+    image, text, states, weights = joint_inputs(attn, plan, n=16, single=single)
+    t, n = text.shape[1], image.shape[1]
+    t_all = t + sum(s.shape[1] for s in states)
+    text_mask = torch.zeros(2, t)
+    text_mask[0, :5] = 1  # the negative prompt: 3 tokens, its end token, one pad
+    text_mask[1, :9] = 1  # the prompt: 7 tokens, its end token, one pad
+    plain_mask = torch.cat([text_mask, torch.ones(2, n)], dim=1).to(dtype)
+    riding_mask = torch.cat([text_mask, torch.ones(2, t_all - t), torch.ones(2, n)], dim=1).to(dtype)
+    return plan, attn, single, image, text, states, weights, plain_mask, riding_mask
+
+
+def _own_block(attn, single, image, text, rotary, mask):
+    """The block's own processor on the prompt alone: (image outputs, text outputs)."""
+    t = text.shape[1]
+    with torch.no_grad():
+        mask4 = None if mask is None else _pairs(mask)
+        if single:
+            out = attn.processor(attn, hidden_states=torch.cat([text, image], dim=1), attention_mask=mask4,
+                                 image_rotary_emb=rotary)
+            return out[:, t:], out[:, :t]
+        return attn.processor(attn, hidden_states=image, encoder_hidden_states=text, attention_mask=mask4,
+                              image_rotary_emb=rotary)
+
+
+def _engine_block(pipe, plan, attn, single, image, text, states, rotary, mask, *, scales=None):
+    t_all = text.shape[1] + sum(s.shape[1] for s in states)
+    with torch.no_grad(), engine_layer(pipe, plan, rows=[1], text_length=text.shape[1], scales=scales):
+        if single:
+            out = attn(hidden_states=torch.cat([text, *states, image], dim=1), attention_mask=_pairs(mask),
+                       image_rotary_emb=rotary)
+            return out[:, t_all:], out[:, :t_all]
+        return attn(hidden_states=image, encoder_hidden_states=torch.cat([text, *states], dim=1),
+                    attention_mask=_pairs(mask), image_rotary_emb=rotary)
+
+
+SITES = ["transformer_blocks.1.attn", "single_transformer_blocks.0.attn"]
+# float: the 0/1 mask diffusers 0.42 passes (added to the logits); bool: a mask that removes the pads
+MASKS = [torch.float32, torch.bool]
+
+
+@pytest.mark.parametrize("dtype", MASKS, ids=["float-mask", "bool-mask"])
+@pytest.mark.parametrize("site", SITES)
+def test_chroma_blocks_keep_the_masked_prompt_attention_with_concepts_riding_at_w0(chroma_norms, site, dtype):
+    """Concepts riding at w=0: the prompt's text and image rows equal the block's own processor
+    under the pipeline's mask, every row (relative 1e-6)."""
+    pipe = chroma_norms
+    plan, attn, single, image, text, states, _, plain_mask, riding_mask = _block_case(pipe, site, dtype)
+    t, n = text.shape[1], image.shape[1]
+    t_all = riding_mask.shape[1] - n
+    plain_image, plain_text = _own_block(attn, single, image, text, flux_rotary(pipe, t, n), plain_mask)
+    unmasked_image, _ = _own_block(attn, single, image, text, flux_rotary(pipe, t, n), None)
+    assert _rel(unmasked_image, plain_image) > 1e-3  # the mask matters here: ignoring it would show
+    zero = torch.zeros_like(plan.token_scales)
+    got_image, got_text = _engine_block(pipe, plan, attn, single, image, text, states, flux_rotary(pipe, t_all, n),
+                                        riding_mask, scales=zero)
+    assert _rel(got_image, plain_image) <= 1e-6, f"{site}: the prompt's image rows"
+    assert _rel(got_text[:, :t], plain_text) <= 1e-6, f"{site}: the prompt's text rows"
+
+
+@pytest.mark.parametrize("sink", ["image", "prompt"])
+@pytest.mark.parametrize("dtype", MASKS, ids=["float-mask", "bool-mask"])
+@pytest.mark.parametrize("site", SITES)
+def test_chroma_blocks_match_the_literal_masked_reference(chroma_norms, site, dtype, sink):
+    pipe = chroma_norms
+    plan, attn, single, image, text, states, weights, plain_mask, riding_mask = _block_case(pipe, site, dtype, sink)
+    t, n = text.shape[1], image.shape[1]
+    t_all = riding_mask.shape[1] - n
+    rotary = flux_rotary(pipe, t_all, n)
+    plain_image, plain_text = _own_block(attn, single, image, text, flux_rotary(pipe, t, n), plain_mask)
+    got_image, got_text = _engine_block(pipe, plan, attn, single, image, text, states, rotary, riding_mask)
+    want_image, want_concepts = literal_masked_joint_attention(attn, image, text, states, weights, [1], riding_mask,
+                                                               single=single, rotary=rotary, sink=sink)
+    with torch.no_grad():
+        want_concepts = torch.cat(want_concepts, dim=1)
+        if not single:
+            want_image, want_concepts = attn.to_out[0](want_image), attn.to_add_out(want_concepts)
+    assert _rel(want_image[1], plain_image[1]) > 1e-3  # the inhibitor is not nothing
+    assert _rel(got_image, want_image) < 1e-5, f"{site}: image rows against the literal reference"
+    assert _rel(got_image[0], plain_image[0]) <= 1e-6, f"{site}: the negative row is the block's own output"
+    assert _rel(got_text[:, :t], plain_text) <= 1e-6, f"{site}: the prompt's text stream changed"
+    assert _rel(got_text[1:, t:], want_concepts[1:]) < 1e-5, f"{site}: the concept tokens' stream"
+
+
+def test_guarded_chroma_erases_and_reports_inhibited_steps_leaving_the_negative_call_alone(chroma):
+    model = chroma.transformer
+    before = dict(model.attn_processors)
+    plain = run(chroma).images
+    out = run(chroma, Guard(policy=STRONG))
+    report = out.guard_report
+    assert np.abs(out.images - plain).max() > 1e-4
+    assert report.family == "chroma" and report.steps_inhibited == (0, 1) and report.total_steps == 2
+    # two denoiser calls a step: the prompt's (guarded) and the negative prompt's (left alone)
+    assert report.denoiser_calls == 4 and report.rows_guarded == ((1, (0,)), (1, ()))
+    assert all(model.attn_processors[k] is p for k, p in before.items())
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == 0
+    assert np.array_equal(run(chroma).images, plain)  # nothing left behind
+
+
+def test_guarded_chroma_img2img_erases():
+    pipe = dit.tiny_chroma_pipeline("img2img")
+    start = np.full((32, 32, 3), 0.5, dtype=np.float32)
+    plain = run(pipe, image=start, strength=0.75, steps=4).images
+    out = run(pipe, Guard(policy=STRONG), image=start, strength=0.75, steps=4)
+    assert out.guard_report.family == "chroma" and out.guard_report.steps_inhibited == (0, 1, 2)
+    assert np.abs(out.images - plain).max() > 1e-4
+
+
+class _Zero:
+    """Scales of zero at call time: the concepts still ride along (the plan has them)."""
+
+    probe = False
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def scales(self, step, measured):
+        return torch.zeros_like(self.plan.token_scales)
+
+
+def test_concepts_riding_at_scale_zero_leave_the_call_as_unguarded(chroma_norms):
+    """The whole denoiser with the concept tokens carried through every block under the
+    extended mask and nothing subtracted: equal to the unguarded call (relative 1e-6). A leak
+    of the carried tokens into the prompt's attention, or a mask put in the wrong place, would
+    change the prompt's streams and every later block."""
+    from gie_guard.engine import guarded_call
+
+    pipe = chroma_norms
+    args = dict(prompt=PROMPT, num_inference_steps=2, output_type="latent", **SETTINGS)
+    plan = compile_plan(pipe, CONCEPTS, StepWindow(0.0, 1.0), options={"max_sequence_length": 48})
+    unguarded = pipe(generator=torch.Generator().manual_seed(0), **args).images
+    with guarded_call(pipe, plan, scale_source=_Zero(plan)) as record:
+        riding = pipe(generator=torch.Generator().manual_seed(0), **args).images
+    assert record.guarded_calls == 2 and record.steps_inhibited == []  # rode along, subtracted nothing
+    assert _rel(riding, unguarded) <= 1e-6
+    with guarded_call(pipe, plan) as record:
+        inhibited = pipe(generator=torch.Generator().manual_seed(0), **args).images
+    assert record.steps_inhibited == [0, 1] and _rel(inhibited, unguarded) > 1e-3
