@@ -38,9 +38,10 @@ import torch  # noqa: E402
 import erasure as E  # noqa: E402  (benchmarks/erasure.py)
 
 
-def method(texts: list[str], scale: float, window: tuple[float, float], sink: str, text_states: str) -> str:
-    spec = {"texts": texts, "scale": scale, "window": list(window), "engine": {"sink": sink, "text_states": text_states}}
-    return "gie:" + json.dumps(spec)
+def method(texts: list[str], scale: float, window: tuple[float, float], sink: str, text_states: str,
+           concept_map: str = "gie") -> str:
+    engine = {"sink": sink, "text_states": text_states, "concept_map": concept_map}
+    return "gie:" + json.dumps({"texts": texts, "scale": scale, "window": list(window), "engine": engine})
 
 
 def pooled(removal: dict) -> tuple[float, int]:
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=None, help="GIE scale (required unless --smoke)")
     parser.add_argument("--window", default="0,1")
     parser.add_argument("--options", default="image/ride-along,prompt/ride-along,image/static",
-                        help="comma-separated SINK/TEXT_STATES pairs")
+                        help="comma-separated SINK/TEXT_STATES[/MAP] options (MAP: gie, calibrated, gated, output)")
     parser.add_argument("--no-null", action="store_true", help="skip the null-concept rows")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=pathlib.Path, required=True)
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     start, end = (int(x) for x in args.seeds.split(":"))
     window = tuple(float(x) for x in args.window.split(","))
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    options = [tuple(o.split("/")) for o in args.options.split(",")]
+    options = [(*o.split("/"), "gie")[:3] for o in args.options.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     bench = E.Bench(range(start, end), args.out, args.backbone)
     t0 = time.perf_counter()
@@ -87,25 +88,25 @@ def main(argv: list[str] | None = None) -> int:
         held = [c for c in cols if c.attribute == target and c.held_out]
         other = [c for c in cols if c.attribute != target and not c.held_out]
         others = [c for k in E.KINDS for c in E.columns_for(k) if not c.held_out and c.attribute != target]
-        for sink, states in options:
-            m = method([target], args.scale, window, sink, states)
+        for sink, states, concept_map in options:
+            m = method([target], args.scale, window, sink, states, concept_map)
             removal = bench.removal(m, own + held + other)
             r_own, n_own = pooled({c: removal[c] for c in own})
             r_held, n_held = pooled({c: removal[c] for c in held})
             r_other, n_other = pooled({c: removal[c] for c in other})
             worst = max(((removal[c][0], c.word) for c in other if removal[c][1]), default=(float("nan"), "-"))
             kept, changed, fd = bench.preservation(m, others, {target})
-            row = dict(target=target, sink=sink, text_states=states, scale=args.scale, window=list(window),
+            row = dict(target=target, sink=sink, text_states=states, concept_map=concept_map, scale=args.scale, window=list(window),
                        removal_target=r_own, n_target=n_own, removal_held_out=r_held, n_held_out=n_held,
                        collateral_other=r_other, n_other=n_other, worst_other=worst[0], worst_other_word=worst[1],
                        kept=kept, changed=changed, frechet=fd,
                        per_word={c.word + ("*" if c.held_out else ""): removal[c] for c in own + held + other})
             if not args.no_null:
                 null_kept, null_changed, null_fd = bench.preservation(
-                    method([E.NULL_CONCEPT], args.scale, window, sink, states), others, {target})
+                    method([E.NULL_CONCEPT], args.scale, window, sink, states, concept_map), others, {target})
                 row.update(null_kept=null_kept, null_changed=null_changed, null_frechet=null_fd)
             rows.append(row)
-            log(f"{target} sink={sink} text_states={states}: removal {r_own:.2f} held-out {r_held:.2f} "
+            log(f"{target} sink={sink} text_states={states} map={concept_map}: removal {r_own:.2f} held-out {r_held:.2f} "
                 f"collateral {r_other:.2f} kept {kept:.3f}" + ("" if args.no_null else f" (null {row['null_kept']:.3f})"))
 
     wall = (time.perf_counter() - t0) / 60
@@ -117,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
           "collateral = the same on the other words of the target's kind (worst word in brackets); kept / changed = "
           "attributes kept / images with any attribute changed on prompts not naming the target, all kinds; null = "
           f"the meaningless concept {E.NULL_CONCEPT!r} with the same option.\n",
-          "| target | sink | text states | removal (word, synonyms) | removal (held-out) | collateral (other words) "
+          "| target | sink | text states | map | removal (word, synonyms) | removal (held-out) | collateral (other words) "
           "| attributes kept | null kept | any changed | null changed |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['target']} | {r['sink']} | {r['text_states']} | {r['removal_target']:.2f} (n={r['n_target']}) | "
+        md.append(f"| {r['target']} | {r['sink']} | {r['text_states']} | {r['concept_map']} | {r['removal_target']:.2f} (n={r['n_target']}) | "
                   f"{r['removal_held_out']:.2f} (n={r['n_held_out']}) | {r['collateral_other']:.2f} "
                   f"({r['worst_other_word']} {r['worst_other']:.2f}) | {r['kept']:.3f} | {r.get('null_kept', float('nan')):.3f} | "
                   f"{r['changed']:.3f} | {r.get('null_changed', float('nan')):.3f} |")

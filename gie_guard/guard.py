@@ -12,7 +12,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from .adapters import AdapterLibrary, AdapterScales, AutoChoice, Fingerprint, check_feature_pass
@@ -29,6 +29,7 @@ from .engine import (
     guarded_call,
 )
 from .engine import ownership
+from .engine.plan import MAPS
 from .errors import ConfigurationError, ContentBlockedError, GuardError, PolicyError
 from .logs import install_log_filters
 from .metrics import GuardMetrics
@@ -86,7 +87,10 @@ class Guard:
     names extra folders, files or adapter objects; ``feature_pass`` is ``"auto"``,
     ``"probe"`` or ``"reuse"``. ``sink`` overrides what competes with a concept in its
     attention map, ``text_states`` and ``carry`` how a joint-attention family carries the
-    concept's tokens (docs/families.md; the defaults are the measured choices). ``preserve``
+    concept's tokens (docs/families.md; the defaults are the measured choices).
+    ``concept_map`` (``auto``, ``gie``, ``calibrated``, ``gated``, ``output``) chooses how
+    specific a concept's inhibition is, against ``references`` (default: a few neutral words;
+    docs/precision.md). ``preserve``
     (``auto``, ``compete``, ``project``, ``both``) and ``controlnet`` (``inhibit``, ``skip``) override the
     policy's ``preserve_by`` and ``controlnet`` keys (docs/policies.md) when given.
 
@@ -121,6 +125,8 @@ class Guard:
         sink: str | None = None,
         text_states: str = "ride-along",
         carry: str = "own",
+        concept_map: str = "auto",
+        references: Sequence[str] | None = None,
         preserve: str | None = None,
         controlnet: str | None = None,
         name: str | None = None,
@@ -134,7 +140,8 @@ class Guard:
         for key, value, allowed in (("preserve", preserve, (None, "auto", "compete", "project", "both")),
                                     ("controlnet", controlnet, (None, "inhibit", "skip")),
                                     ("text_states", text_states, ("ride-along", "static")),
-                                    ("carry", carry, ("own", "all"))):
+                                    ("carry", carry, ("own", "all")),
+                                    ("concept_map", concept_map, ("auto", *MAPS))):
             if value not in allowed:
                 raise ConfigurationError(f"{key} must be one of {', '.join(str(a) for a in allowed if a)}, got {value!r}")
         if on_report is not None and not callable(on_report):
@@ -146,7 +153,11 @@ class Guard:
                                      f"{max_plan_bytes!r}")
         self._sink = sink
         # measured choices of the engine (docs/families.md, docs/precision.md)
-        self._engine_options = {"text_states": text_states, "carry": carry}
+        if references is not None and (isinstance(references, str) or not all(
+                isinstance(r, str) and r.strip() for r in references)):
+            raise ConfigurationError(f"references must be a list of non-empty texts, got {references!r}")
+        self._engine_options = {"text_states": text_states, "carry": carry, "concept_map": concept_map,
+                                "references": None if references is None else tuple(references)}
         self._preserve = preserve  # None: the policy's preserve_by
         self._controlnet = controlnet  # None: the policy's controlnet
         self._adapters = adapters if isinstance(adapters, AdapterLibrary) else AdapterLibrary(adapters)

@@ -42,6 +42,7 @@ __all__ = [
     "mean_concept_map",
     "merge_partial_attention",
     "project_off",
+    "rows_of",
     "split_heads",
 ]
 
@@ -127,7 +128,7 @@ def merge_partial_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> t
     return out, total  # type: ignore[return-value]
 
 
-def _rows(x: torch.Tensor, b: int) -> torch.Tensor:
+def rows_of(x: torch.Tensor, b: int) -> torch.Tensor:
     """``(h, T, ...)`` or ``(B, h, T, ...)`` -> ``(B, h, T, ...)`` (a view when expanded)."""
     return x[None].expand(b, *x.shape) if x.ndim == 3 else x
 
@@ -169,9 +170,9 @@ def inhibitor(
     for keys, values, w, *anchors in concepts:
         w = w.to(device=values.device, dtype=values.dtype)
         v = values * (w[:, None] if w.ndim == 1 else w[:, None, :, None])  # zero rows on slots without w
-        k, v = _rows(keys, b), _rows(v, b)
+        k, v = rows_of(keys, b), rows_of(v, b)
         if anchors and anchors[0] is not None and anchors[0].shape[-2]:  # anchors take their share, add nothing
-            ka = _rows(anchors[0], b)
+            ka = rows_of(anchors[0], b)
             k = torch.cat([k, ka], dim=2)
             v = torch.cat([v, v.new_zeros(*ka.shape[:-1], v.shape[-1])], dim=2)
         if sink_lse is None:
@@ -189,10 +190,10 @@ def concept_maps(
     """One concept's attention map ``M_c``: ``(B, h, N, T)`` float32 (its own softmax over its
     T slots, with the sink's and the anchors' shares taken out when given)."""
     b = q.shape[0]
-    logits = (q.float() @ _rows(keys, b).float().transpose(-1, -2)) * scale
+    logits = (q.float() @ rows_of(keys, b).float().transpose(-1, -2)) * scale
     total = torch.logsumexp(logits, dim=-1)
     if anchor_keys is not None and anchor_keys.shape[-2]:
-        anchor_logits = (q.float() @ _rows(anchor_keys, b).float().transpose(-1, -2)) * scale
+        anchor_logits = (q.float() @ rows_of(anchor_keys, b).float().transpose(-1, -2)) * scale
         total = torch.logaddexp(total, torch.logsumexp(anchor_logits, dim=-1))
     if sink_lse is not None:
         total = torch.logaddexp(total, sink_lse.float())

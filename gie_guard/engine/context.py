@@ -67,6 +67,7 @@ class CallShared:
     plan: Plan
     site_text: torch.Tensor | None  # (C, T, D) concept encodings as cross-attention layers receive text
     anchor_text: torch.Tensor | None  # (A, T, D) the same for preservation anchors
+    reference_text: torch.Tensor | None  # (R, T, D) the same for the reference texts of specific maps
     _context: Callable[[], StepContext | None]
     _fail: Callable[[str], NoReturn]
 

@@ -112,6 +112,7 @@ class EngineCall:
             plan=plan,
             site_text=self._site_text(plan.embeddings),
             anchor_text=self._site_text(plan.anchor_embeddings),
+            reference_text=self._site_text(plan.reference_embeddings),
             _context=lambda: self._context,
             _fail=self.fail,
         )
@@ -348,8 +349,8 @@ class EngineCall:
         if self.family.joint:
             if text_length is None:
                 raise ValueError("a joint family's layer context needs the prompt's text_length")
-            carried = sum(len(s) for s in (*self.plan.ride_along, *self.plan.anchor_ride_along))
-            ride = RideAlong(text_length=text_length, concept_length=carried, spans=tuple(self.plan.ride_along_spans))
+            spans = tuple(self.plan.ride_along_spans)
+            ride = RideAlong(text_length=text_length, concept_length=spans[-1][1] if spans else 0, spans=spans)
         self._context = StepContext(step=0, rows=as_index(rows), inhibit=inhibit, measure=measure, observe=observe,
                                     scales=self.scales if scales is None else scales.to(self._device),
                                     ride=ride, thread=self.thread)

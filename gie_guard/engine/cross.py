@@ -89,6 +89,7 @@ class CrossSite:
         self.key: torch.Tensor | None = None  # (B, T, inner) the prompt's keys (prompt sink only)
         self.mask: torch.Tensor | None = None  # the prompt's attention mask as passed to the layer
         self.concepts: inhibition.ConceptKeys | None = None  # static text: projected once per call
+        self.references: inhibition.ReferenceKeys | None = None
         self._handles: list[Any] = []
 
     def install(self) -> None:
@@ -104,7 +105,7 @@ class CrossSite:
             handle.remove()
         self._handles.clear()
         self.query = self.key = self.mask = None
-        self.concepts = None
+        self.concepts = self.references = None
 
     def state(self) -> SiteState:
         processor = self.attn.processor
@@ -150,7 +151,8 @@ class CrossSite:
         sink = self._prompt_lse(q, key, mask, rows, scale) if self.prompt_sink else None
         try:
             result = inhibition.act(q, concepts, ctx, self.shared.plan, scale=scale, sink_lse=sink,
-                                    slice_size=getattr(self.attn.processor, "slice_size", None))
+                                    slice_size=getattr(self.attn.processor, "slice_size", None),
+                                    references=self.references)
         except ValueError as error:
             self.shared.fail(str(error))
         nonzero = None
@@ -199,6 +201,13 @@ class CrossSite:
                 anchor_values = [va[a][:, list(s)].to(dtype) for a, s in enumerate(plan.anchor_positions)]
             competing, spared = inhibition.anchor_effects(plan, values, anchor_keys, anchor_values)
             self.concepts = inhibition.ConceptKeys(keys=keys, values=spared, slots=slots, competing=competing)
+            if self.shared.reference_text is not None:  # over the same kind of slots as the concepts'
+                kr, _ = self._project_text(self.shared.reference_text, weight)
+                own = [list(p) for p in plan.reference_positions]
+                cols = [list(range(len(o))) if self.prompt_sink else o for o in own]
+                self.references = inhibition.ReferenceKeys(
+                    keys=[kr[r][:, o].to(dtype) if self.prompt_sink else kr[r].to(dtype) for r, o in enumerate(own)],
+                    own=cols)
         return self.concepts
 
     def _project_text(self, text: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

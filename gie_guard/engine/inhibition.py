@@ -20,7 +20,7 @@ from .context import StepContext, to_plan_slots
 if TYPE_CHECKING:
     from .plan import Plan
 
-__all__ = ["ConceptKeys", "SiteResult", "act", "anchor_effects"]
+__all__ = ["ConceptKeys", "ReferenceKeys", "SiteResult", "act", "anchor_effects"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,16 @@ class ConceptKeys:
     values: list[torch.Tensor]  # the same shapes; already without what its anchors span (``project``)
     slots: list[list[int]]  # per concept, the plan slot each key column stands for
     competing: list[torch.Tensor | None]  # per concept, anchor keys joining its softmax (``compete``)
+
+
+@dataclass(frozen=True)
+class ReferenceKeys:
+    """The reference texts as one attention call of one site sees them (calibrated, gated and
+    output maps): keys over the same kind of slots as the concepts' (so each reference's map
+    has the same softmax structure), and the columns of its own tokens."""
+
+    keys: list[torch.Tensor]  # per reference (h, T_r, d), or per row (B, h, T_r, d)
+    own: list[list[int]]  # per reference, the key columns of its own tokens
 
 
 @dataclass(frozen=True)
@@ -65,12 +75,56 @@ def own_columns(plan: Plan, slots: Sequence[Sequence[int]]) -> list[list[int]]:
     return [[i for i, slot in enumerate(s) if slot in set(plan.token_positions[c])] for c, s in enumerate(slots)]
 
 
+def reference_level(q: torch.Tensor, references: ReferenceKeys, *, scale: float,
+                    sink_lse: torch.Tensor | None) -> torch.Tensor:
+    """What a word that names nothing in particular gets: the references' mean per-own-token
+    map, each reference in its own softmax (with the sink, as a concept's): ``(B, h, N)``."""
+    levels = [attention.concept_maps(q, k, scale=scale, sink_lse=sink_lse)[..., own].mean(-1)
+              for k, own in zip(references.keys, references.own)]
+    return torch.stack(levels).mean(0)
+
+
+def specific_inhibitor(
+    q: torch.Tensor, concepts: ConceptKeys, scales: torch.Tensor, plan: Plan, *, scale: float,
+    sink_lse: torch.Tensor | None, references: ReferenceKeys | None, gates: list[torch.Tensor] | None,
+) -> torch.Tensor:
+    """``sum_c sum_j w_j A_c[..., j] V_c[j]`` with ``A_c`` the plan's specific map
+    (plan.ConceptMap): ``(B, h, N, d)``. The maps are materialised, ``(B, h, N, T_c)`` float32
+    per concept at a time."""
+    b = q.shape[0]
+    level = None
+    if plan.concept_map in ("calibrated", "gated"):
+        assert references is not None, "calibrated and gated maps need references"
+        level = reference_level(q, references, scale=scale, sink_lse=sink_lse)  # (B, h, N)
+    own_cols = own_columns(plan, concepts.slots)
+    total = torch.zeros_like(q)
+    for c, (k, v, slots, rivals) in enumerate(zip(concepts.keys, concepts.values, concepts.slots, concepts.competing)):
+        m = attention.concept_maps(q, k, scale=scale, sink_lse=sink_lse, anchor_keys=rivals)  # (B, h, N, T_c)
+        if plan.concept_map == "calibrated":
+            assert level is not None
+            m = torch.relu(m - level[..., None])
+        elif plan.concept_map == "gated":
+            assert level is not None
+            share = m[..., own_cols[c]].mean(-1)  # (B, h, N)
+            m = m * (share.mean(1) > level.mean(1)).to(m.dtype)[:, None, :, None]
+        elif plan.concept_map == "output":
+            assert gates is not None, "output maps need each concept's gate from the site"
+            m = m * gates[c].to(m.dtype)[:, None, :, None]
+        w = scales[..., c, slots].to(m.device, torch.float32)  # (T_c,) or (B, T_c)
+        m = m * (w if w.ndim == 1 else w[:, None, None, :])
+        total += (m.to(v.dtype) @ attention.rows_of(v, b)).to(q.dtype)
+    return total
+
+
 def act(
     q: torch.Tensor, concepts: ConceptKeys, ctx: StepContext, plan: Plan, *, scale: float,
-    sink_lse: torch.Tensor | None, slice_size: int | None = None,
+    sink_lse: torch.Tensor | None, slice_size: int | None = None, references: ReferenceKeys | None = None,
+    gates: list[torch.Tensor] | None = None,
 ) -> SiteResult:
     """Measure, observe and inhibit for image queries ``q`` ``(B_rows, h, N, d)`` of the rows
-    that carry the prompt; ``sink_lse`` ``(B_rows, h, N)`` or None (the concept's own softmax)."""
+    that carry the prompt; ``sink_lse`` ``(B_rows, h, N)`` or None (the concept's own softmax).
+    ``references`` (calibrated and gated maps) and ``gates`` (output maps: per concept
+    ``(B_rows, N)``) as the plan's map rule needs."""
     measured = maps_out = delta = None
     keys = concepts.keys
     if ctx.measure or ctx.observe:
@@ -82,7 +136,10 @@ def act(
             measured = to_plan_slots(plan, [m.mean(dim=(1, 2)) for m in plain], concepts.slots)
         if ctx.observe:  # the share of each pixel's (inhibiting) map on the concept's own tokens
             maps_out = [m[..., cols].sum(-1) for m, cols in zip(maps, own_columns(plan, concepts.slots))]
-    if ctx.inhibit:
+    if ctx.inhibit and plan.concept_map != "gie":
+        delta = specific_inhibitor(q, concepts, ctx.scales_for(q.shape[0]), plan, scale=scale, sink_lse=sink_lse,
+                                   references=references, gates=gates)
+    elif ctx.inhibit:
         scales = ctx.scales_for(q.shape[0])
         with_w = [(k, v, scales[..., c, slots], a)
                   for c, (k, v, slots, a) in enumerate(zip(keys, concepts.values, concepts.slots, concepts.competing))]

@@ -65,14 +65,45 @@ def _rope(x: torch.Tensor, rotary: Any) -> torch.Tensor:
     return rotated
 
 
+def _four_d(mask: torch.Tensor) -> torch.Tensor:
+    """A mask as SDPA broadcasts it: ``(B, S)``, ``(B, Q, S)`` or ``(B, 1 | h, 1 | Q, S)`` ->
+    ``(B, 1 | h, 1 | Q, S)``."""
+    if mask.ndim == 2:
+        return mask[:, None, None, :]
+    if mask.ndim == 3:
+        return mask[:, None]
+    return mask
+
+
+def _part(mask: torch.Tensor | None, rows: Any, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
+    """The block of a 4-d mask for batch ``rows``, query positions and key positions."""
+    if mask is None:
+        return None
+    part = mask[rows]
+    if part.shape[-2] != 1:
+        part = part.index_select(-2, queries.to(part.device))
+    return part.index_select(-1, keys.to(part.device))
+
+
+def _as_bias(mask: torch.Tensor) -> torch.Tensor:
+    """What SDPA adds to the logits for ``mask``: float32, 0 / -inf for a boolean mask (True
+    keeps), the values themselves for a float one."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.float()
+
+
 class JointHandler:
     """Guards joint-attention blocks whose processor's class is in ``processors()`` (the
-    family's: diffusers' SD3 or Flux processor), in the sequence order the family uses."""
+    family's: diffusers' SD3 or Flux processor), in the sequence order the family uses.
+    ``masks``: the family's blocks receive an attention mask over the joint sequence (Chroma),
+    which the family extends over the carried tokens; without it a mask fails the call."""
 
-    def __init__(self, processors: Callable[[], set[type]], *, text_first: bool) -> None:
+    def __init__(self, processors: Callable[[], set[type]], *, text_first: bool, masks: bool = False) -> None:
         self._processors = processors
         self._classes: set[type] | None = None
         self.text_first = text_first  # [text; image] (Flux) or [image; text] (SD3)
+        self.masks = masks
 
     def accepts(self, processor: Any) -> bool:
         if self._classes is None:
@@ -99,7 +130,8 @@ class JointSite:
     def __init__(self, handler: JointHandler, site: Site, shared: CallShared, report: Callable[[SiteOutcome], None]) -> None:
         self.site = site
         self.original = site.module.processor
-        self.processor = JointInhibitorProcessor(self.original, site, shared, report, text_first=handler.text_first)
+        self.processor = JointInhibitorProcessor(self.original, site, shared, report, text_first=handler.text_first,
+                                                 masks=handler.masks)
         site.module.set_processor(self.processor)
 
     def state(self) -> SiteState:
@@ -113,21 +145,38 @@ class JointSite:
             self.site.module.set_processor(self.original)
 
 
+def _own(carried: Any, positions: Any) -> list[int]:
+    """The columns of a text's own tokens among its carried slots."""
+    mine = set(positions)
+    return [i for i, slot in enumerate(carried) if slot in mine]
+
+
 def _attention_backend(processor: Any) -> Any:
     """The backend a processor that dispatches through diffusers runs (None: the active one)."""
     return getattr(processor, "_attention_backend", None)
 
 
 class JointInhibitorProcessor:
-    """The processor of one joint-attention site inside a call."""
+    """The processor of one joint-attention site inside a call.
+
+    With a mask (``masks``, Chroma) every part is taken from the block's mask as the block's
+    own processor takes it (SDPA's reading: a boolean keeps or removes, a float is added): the
+    prompt's attention under the mask restricted to the prompt's tokens; each concept's carried
+    tokens over ``[image; their own]`` under the mask's entries for those pairs; the sink's
+    normaliser under the mask (a masked key never counts). The concept's columns carry the
+    mask's entry for (image query, carried key), which must be one value per query over all
+    carried tokens (the family marks them all real); it moves into the sink, so the inhibitor's
+    maths runs unchanged: ``exp(s_c + b) / (Z + sum exp(s_k + b)) = exp(s_c) / (Z e^-b + sum exp(s_k))``.
+    """
 
     def __init__(self, original: Any, site: Site, shared: CallShared, report: Callable[[SiteOutcome], None], *,
-                 text_first: bool) -> None:
+                 text_first: bool, masks: bool = False) -> None:
         self.original = original
         self.site = site
         self.shared = shared
         self.report = report
         self.text_first = text_first
+        self.masks = masks
         self.backend = _attention_backend(original)
 
     def __call__(
@@ -145,25 +194,49 @@ class JointInhibitorProcessor:
             if image_rotary_emb is not None:
                 return self.original(*args, image_rotary_emb, **kwargs)
             return self.original(*args, **kwargs)
-        if attention_mask is not None:
+        if attention_mask is not None and not self.masks:
             self.shared.fail(f"{self.site.name}: an attention mask in a joint-attention block is not supported")
         started = time.perf_counter()
-        out, result, nonzero = self._guarded(attn, hidden_states, encoder_hidden_states, image_rotary_emb, ctx.ride, ctx)
+        mask = None if attention_mask is None else _four_d(attention_mask)
+        out, result, nonzero = self._guarded(attn, hidden_states, encoder_hidden_states, image_rotary_emb, mask,
+                                             ctx.ride, ctx)
         self.report(SiteOutcome(self.site, inhibited=result.delta is not None, nonzero=nonzero,
                                 measured=result.measured, maps=result.maps, seconds=time.perf_counter() - started))
         return out
 
-    def _dispatch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _dispatch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The prompt's attention ``(B, h, S, d)`` through diffusers' dispatcher and this
         block's backend, as the block's own processor runs it."""
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
         out: torch.Tensor = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  backend=self.backend)
+                                                  attn_mask=mask, backend=self.backend)
         return out.transpose(1, 2)
 
+    @staticmethod
+    def _output_gates(o_image: torch.Tensor, o_carried: torch.Tensor, ride: RideAlong, plan: Any) -> list[torch.Tensor]:
+        """Output-space saliency (ConceptAttention): per concept ``(B_rows, N)``, True where
+        the image token's attention output is nearer (dot product over heads and features) the
+        mean output of the concept's own tokens than the mean output of every reference's.
+        ``o_image`` ``(B_rows, h, N, d)``; ``o_carried`` ``(B_rows, h, T_all, d)``."""
+        def mean_own(span: tuple[int, int], cols: list[int]) -> torch.Tensor:
+            return o_carried[:, :, span[0]:span[1]][:, :, cols].mean(dim=2)  # (B_rows, h, d)
+
+        n_c, n_a = len(plan.ride_along), len(plan.anchor_ride_along)
+        spans = ride.spans
+        concept_out = [mean_own(spans[c], _own(plan.ride_along[c], plan.token_positions[c])) for c in range(n_c)]
+        reference_out = [mean_own(spans[n_c + n_a + r], _own(s, p))
+                         for r, (s, p) in enumerate(zip(plan.reference_ride_along, plan.reference_positions))]
+
+        def score(o: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("bhnd,bhd->bn", o_image.float(), o.float())
+
+        best_reference = torch.stack([score(o) for o in reference_out]).amax(dim=0)
+        return [score(o) > best_reference for o in concept_out]
+
     # -- the guarded block ---------------------------------------------------------------------
-    def _guarded(self, attn: Any, hidden: torch.Tensor, text: torch.Tensor | None, rotary: Any, ride: RideAlong,
+    def _guarded(self, attn: Any, hidden: torch.Tensor, text: torch.Tensor | None, rotary: Any,
+                 mask: torch.Tensor | None, ride: RideAlong,
                  ctx: StepContext) -> tuple[Any, inhibition.SiteResult, torch.Tensor | None]:
         single = text is None  # Flux single-stream: hidden is [text; image] already
         t_all = ride.text_length + ride.concept_length  # prompt text + concept tokens
@@ -179,52 +252,72 @@ class JointInhibitorProcessor:
             q, k, v = cat(qt, qi), cat(kt, ki), cat(vt, vi)
         if rotary is not None:
             q, k = _rope(q, rotary), _rope(k, rotary)
-        # token ranges in the sequence (B, h, S, d)
-        n_total = q.shape[2]
-        if self.text_first or single:
-            txt, con, img = slice(0, ride.text_length), slice(ride.text_length, t_all), slice(t_all, n_total)
-        else:
-            img = slice(0, n_total - t_all)
-            txt = slice(n_total - t_all, n_total - ride.concept_length)
-            con = slice(n_total - ride.concept_length, n_total)
+        # token positions in the sequence (B, h, S, d): [text; carried; image] or [image; text; carried]
+        n_total, device = q.shape[2], q.device
+        if mask is not None and (mask.shape[-1] != n_total or mask.shape[-2] not in (1, n_total) or mask.shape[1] != 1):
+            self.shared.fail(f"{self.site.name}: its attention mask {tuple(mask.shape)} is not one (B, 1, 1 | S, S) "
+                             f"mask over the joint sequence with the concepts riding along (S = {n_total})")
+        text_first = self.text_first or single
+        first = 0 if text_first else n_total - t_all  # where the prompt's text starts
+        txt = torch.arange(first, first + ride.text_length, device=device)
+        carried_at = first + ride.text_length
+        img = torch.arange(t_all if text_first else 0, (t_all if text_first else 0) + n_total - t_all, device=device)
+        prompt = torch.cat([txt, img] if text_first else [img, txt])  # the block's order, without the carried tokens
+        n_img, n_txt = img.numel(), txt.numel()
+        img_q = slice(n_txt, n_txt + n_img) if text_first else slice(0, n_img)  # within the prompt's order
+        txt_q = slice(0, n_txt) if text_first else slice(n_img, n_img + n_txt)
         scale = 1.0 / math.sqrt(q.shape[-1])
+        every = slice(None)
 
         # 1. the prompt's own joint attention, in the block's order, without the concept tokens
-        keep = [txt, img] if (self.text_first or single) else [img, txt]
-        q_p, k_p, v_p = (torch.cat([t[:, :, s] for s in keep], dim=2) for t in (q, k, v))
-        o_p = self._dispatch(q_p, k_p, v_p)
-        n_img = img.stop - img.start
-        img_q = slice(0, n_img) if keep[0] is img else slice(q_p.shape[2] - n_img, q_p.shape[2])
-        txt_q = slice(n_img, q_p.shape[2]) if keep[0] is img else slice(0, q_p.shape[2] - n_img)
+        q_p, k_p, v_p = (t.index_select(2, prompt) for t in (q, k, v))
+        o_p = self._dispatch(q_p, k_p, v_p, _part(mask, every, prompt, prompt))
 
         # 2. the concept tokens of the rows that carry the prompt, over [image; own tokens]
         rows = ctx.rows
         o_con = q.new_zeros(q.shape[0], q.shape[1], ride.concept_length, q.shape[3])
-        k_img_r, v_img_r = k[rows, :, img], v[rows, :, img]
+        k_img_r, v_img_r = k[rows].index_select(2, img), v[rows].index_select(2, img)
         carried = []
         for lo, hi in ride.spans:
-            span = slice(con.start + lo, con.start + hi)
-            kc, vc = k[rows, :, span], v[rows, :, span]
+            span = torch.arange(carried_at + lo, carried_at + hi, device=device)
+            kc, vc = k[rows].index_select(2, span), v[rows].index_select(2, span)
             o_con[rows, :, lo:hi] = attention.attend(
-                q[rows, :, span], torch.cat([k_img_r, kc], dim=2), torch.cat([v_img_r, vc], dim=2), scale=scale
+                q[rows].index_select(2, span), torch.cat([k_img_r, kc], dim=2), torch.cat([v_img_r, vc], dim=2),
+                scale=scale, mask=_part(mask, rows, span, torch.cat([img, span])),
             )
             carried.append((kc, vc))
 
         # 3. measure / observe / inhibit on the image queries of those rows
         plan = self.shared.plan
-        q_img = q_p[rows, :, img_q]
-        sink_keys = k_img_r if self.shared.sink == "image" else k_p[rows]
-        sink = attention.masked_lse(q_img, sink_keys, None, scale=scale)
+        q_img = q_p[rows][:, :, img_q]
+        sink_keys, sink_cols = (k_img_r, img) if self.shared.sink == "image" else (k_p[rows], prompt)
+        sink_mask = _part(mask, rows, img, sink_cols)
+        sink = attention.masked_lse(q_img, sink_keys, None if sink_mask is None else sink_mask[:, 0], scale=scale)
+        if mask is not None and ride.concept_length:
+            bias = _as_bias(_part(mask, rows, img, torch.arange(carried_at, carried_at + ride.concept_length,
+                                                                 device=device)))  # type: ignore[arg-type]
+            if not bool((bias == bias[..., :1]).all()):
+                self.shared.fail(f"{self.site.name}: its attention mask treats a concept's carried tokens unlike each "
+                                 "other for an image query")
+            sink = sink - bias[..., 0]  # (B_rows, 1, 1 | N) against (B_rows, h, N)
         slots = [list(s) for s in plan.ride_along]
-        per_concept, per_anchor = carried[: len(slots)], carried[len(slots):]
-        own = [[i for i, slot in enumerate(c) if slot in set(p)] for c, p in zip(plan.anchor_ride_along, plan.anchor_positions)]
+        n_c, n_a = len(slots), len(plan.anchor_ride_along)
+        per_concept, per_anchor, per_reference = carried[:n_c], carried[n_c:n_c + n_a], carried[n_c + n_a:]
+        own = [_own(c, p) for c, p in zip(plan.anchor_ride_along, plan.anchor_positions)]
         competing, spared = inhibition.anchor_effects(
             plan, [vc for _, vc in per_concept], [ka[:, :, cols] for (ka, _), cols in zip(per_anchor, own)],
             [va[:, :, cols] for (_, va), cols in zip(per_anchor, own)])
         concepts = inhibition.ConceptKeys(keys=[kc for kc, _ in per_concept], values=spared, slots=slots,
                                           competing=competing)
+        references = gates = None
+        if per_reference:
+            own_r = [_own(c, p) for c, p in zip(plan.reference_ride_along, plan.reference_positions)]
+            references = inhibition.ReferenceKeys(keys=[kr for kr, _ in per_reference], own=own_r)
+            if plan.concept_map == "output":
+                gates = self._output_gates(o_p[rows][:, :, img_q], o_con[rows], ride, plan)
         try:
-            result = inhibition.act(q_img, concepts, ctx, plan, scale=scale, sink_lse=sink)
+            result = inhibition.act(q_img, concepts, ctx, plan, scale=scale, sink_lse=sink, references=references,
+                                    gates=gates)
         except ValueError as error:
             self.shared.fail(f"{self.site.name}: {error}")
         o_img_p = o_p[:, :, img_q]

@@ -17,7 +17,7 @@ from ..window import StepWindow
 from .families import family_for
 from .families.base import Family
 
-__all__ = ["ConceptSpec", "Plan", "Sink", "StepWindow", "compile_plan"]
+__all__ = ["DEFAULT_REFERENCES", "MAPS", "ConceptMap", "ConceptSpec", "Plan", "Sink", "StepWindow", "compile_plan"]
 
 # What competes with a concept's tokens for a query in its map M_c: "own" (the other slots of
 # the concept's own encoding: the paper's rule, UNet families), "prompt" (the prompt's own
@@ -41,6 +41,19 @@ PreserveChoice = Literal["auto", "compete", "project", "both"]
 # inhibitors there too (their residuals then do not carry the concept back), "skip" leaves them.
 ControlNetMode = Literal["inhibit", "skip"]
 SINKS = {"cross": ("own", "prompt"), "joint": ("image", "prompt")}
+# Where a concept's map lets it inhibit (the specificity options, docs/precision.md):
+# "gie" (the map M_c itself: the paper's rule), "calibrated" (relu(M_c - M_ref): only the
+# excess of each own token's map over the reference texts' mean per-token map, the references
+# riding alongside in the same softmax structure, so a word attended like any word inhibits
+# nothing), "gated" (M_c, only at the image positions where the concept's mean per-token share
+# exceeds the references', heads averaged: a localized gate), "output" (joint families: M_c,
+# only at the image positions whose attention output is nearer, by dot product, the concept
+# tokens' output than every reference's, after ConceptAttention)
+ConceptMap = Literal["gie", "calibrated", "gated", "output"]
+MAPS = ("gie", "calibrated", "gated", "output")
+# The reference texts of calibrated, gated and output maps: common words that name no
+# particular thing, so what they attract is what any word attracts.
+DEFAULT_REFERENCES = ("thing", "object", "picture")
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,12 @@ class Plan:
     concept_anchors: tuple[tuple[int, ...], ...] = ()
     preserve: Preserve = "compete"
     controlnet: ControlNetMode = "inhibit"
+    # specificity: the map rule and, for the rules that compare, the reference texts' (R, T, D)
+    # encodings, own-token slots and carried slots (joint)
+    concept_map: ConceptMap = "gie"
+    reference_embeddings: torch.Tensor | None = None
+    reference_positions: tuple[tuple[int, ...], ...] = ()
+    reference_ride_along: tuple[tuple[int, ...], ...] = ()
     compile_seconds: float = field(default=0.0)
 
     @property
@@ -100,21 +119,24 @@ class Plan:
 
     @property
     def ride_along_spans(self) -> list[tuple[int, int]]:
-        """Per concept, then per anchor, its ``[lo, hi)`` within the tokens appended to the text."""
+        """Per concept, then per anchor, then per reference, its ``[lo, hi)`` within the tokens
+        appended to the text."""
         spans, at = [], 0
-        for slots in (*self.ride_along, *self.anchor_ride_along):
+        for slots in (*self.ride_along, *self.anchor_ride_along, *self.reference_ride_along):
             spans.append((at, at + len(slots)))
             at += len(slots)
         return spans
 
     def ride_along_tokens(self, denoiser: torch.nn.Module) -> torch.Tensor:
-        """``(T_c, D)``: every concept's, then every anchor's carried slots, concatenated, on the
-        denoiser's device (a new tensor: a call keeps it for its length)."""
+        """``(T_c, D)``: every concept's, then every anchor's, then every reference's carried
+        slots, concatenated, on the denoiser's device (a new tensor: a call keeps it for its length)."""
         assert self.embeddings is not None
         weight = next(denoiser.parameters())
         parts = [self.embeddings[c, list(slots)] for c, slots in enumerate(self.ride_along)]
         if self.anchor_embeddings is not None:
             parts += [self.anchor_embeddings[a, list(s)] for a, s in enumerate(self.anchor_ride_along)]
+        if self.reference_embeddings is not None:
+            parts += [self.reference_embeddings[r, list(s)] for r, s in enumerate(self.reference_ride_along)]
         return torch.cat(parts).to(device=weight.device, dtype=weight.dtype)
 
 
@@ -131,12 +153,16 @@ def compile_plan(
     carry: Carry = "own",
     preserve: PreserveChoice = "auto",
     controlnet: ControlNetMode = "inhibit",
+    concept_map: ConceptMap | Literal["auto"] = "auto",
+    references: tuple[str, ...] | None = None,
 ) -> Plan:
     """Encode every concept once with the pipeline's own prompt encoder.
 
     ``options`` are the call's encoding settings (``Family.encoding_options``; default: the
     pipeline's defaults, with ``clip_skip``). Concepts whose scale is 0 are dropped: they would
-    change nothing, and an empty plan leaves the pipeline's output bit-identical."""
+    change nothing, and an empty plan leaves the pipeline's output bit-identical.
+    ``concept_map`` ("auto": the family's default) and ``references`` (default
+    ``DEFAULT_REFERENCES``) choose how specific each concept's inhibition is."""
     started = time.perf_counter()
     family = family or family_for(pipe)
     options = family.encoding_options(pipe, {"clip_skip": clip_skip, **(options or {})})
@@ -157,6 +183,15 @@ def compile_plan(
     if preserve not in ("auto", "compete", "project", "both"):
         raise ConfigurationError(f"preserve must be auto, compete, project or both, got {preserve!r}")
     mechanism: Preserve = preserve if preserve != "auto" else ("project" if family.joint else "compete")
+    chosen: ConceptMap = family.default_map if concept_map == "auto" else concept_map  # type: ignore[assignment]
+    if chosen not in MAPS:
+        raise ConfigurationError(f"concept_map must be auto or one of {', '.join(MAPS)}, got {concept_map!r}")
+    if chosen == "output" and not family.joint:
+        raise ConfigurationError(f"concept_map 'output' needs the concept tokens' attention outputs, which only "
+                                 f"joint-attention families have; {family.name} is not one")
+    reference_texts = tuple(DEFAULT_REFERENCES if references is None else references)
+    if chosen != "gie" and not reference_texts:
+        raise ConfigurationError(f"concept_map {chosen!r} compares with reference texts; none were given")
     if text_states not in ("ride-along", "static") or carry not in ("own", "all"):
         raise ConfigurationError(f"text_states must be ride-along or static and carry own or all, got {text_states!r}, {carry!r}")
     for c in concepts:  # a concept at scale 0 today must still be one this pipeline can encode
@@ -173,6 +208,9 @@ def compile_plan(
     anchors = None
     if anchor_texts:
         anchors = family.encode(pipe, anchor_texts, [f"anchor:{t}" for t in anchor_texts], options)
+    refs = None
+    if chosen != "gie":
+        refs = family.encode(pipe, list(reference_texts), [f"reference:{t}" for t in reference_texts], options)
     return Plan(
         family=family,
         concepts=active,
@@ -191,5 +229,9 @@ def compile_plan(
         concept_anchors=tuple(tuple(anchor_texts.index(a) for a in dict.fromkeys(c.anchors)) for c in active),
         preserve=mechanism,
         controlnet=controlnet,
+        concept_map=chosen,
+        reference_embeddings=refs.embeddings if refs is not None else None,
+        reference_positions=refs.positions if refs is not None else (),
+        reference_ride_along=(refs.ride_along or ()) if refs is not None else (),
         compile_seconds=time.perf_counter() - started,
     )

@@ -100,6 +100,9 @@ class Family:
     # what competes with a concept's tokens in its map: "own" (its own encoding's other slots,
     # the paper's rule), "prompt" (the prompt's columns), "image" (a joint block's image keys)
     default_sink: ClassVar[str] = "own"
+    # where a concept's map lets it inhibit (plan.ConceptMap): "gie" (the paper's map) unless
+    # a family's measurements chose a more specific rule (docs/families.md)
+    default_map: ClassVar[str] = "gie"
     # denoiser keyword arguments that are not per batch row (never sliced for a probe pass)
     shared_kwargs: ClassVar[frozenset[str]] = frozenset()
     # the pipeline attributes that hold its tokenizers and text encoders (a plan depends on

@@ -11,7 +11,8 @@ with rotary positions, then single-stream blocks), T5 text only, and an attentio
   m[:, None, :, None]`` (``(B, 1, S, S)``) for its attention. diffusers 0.42 builds it as a
   *float* 0/1 tensor, which scaled-dot-product attention adds to the logits (diffusers issue
   12116): real pairs get +1, pads +0, nothing is removed. The guard keeps whatever the
-  pipeline passes, bool or float, exactly as SDPA reads it (:class:`MaskedJointProcessor`).
+  pipeline passes, bool or float, exactly as SDPA reads it (the joint handler with
+  ``masks=True``, engine/joint.py).
 - **Concepts**: encoded by the pipeline's own ``encode_prompt`` as if each were the prompt.
   Its own tokens are the non-special T5 ids; they, the end token and the one pad the mask
   leaves visible ride along (the slots Chroma's mask makes real for a prompt), with text
@@ -23,23 +24,16 @@ with rotary positions, then single-stream blocks), T5 text only, and an attentio
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .. import attention, inhibition
-from ..joint import JointHandler, JointInhibitorProcessor, JointSite, project_heads
-from ..sites import Site, SiteHandler, SiteKind, SiteOutcome
+from ..joint import JointHandler
+from ..sites import Site, SiteHandler, SiteKind
 from .base import JointFamily, call_default, concept_slots, ride_along_slots
 from .flux import Flux
 
-if TYPE_CHECKING:
-    from ..context import CallShared, RideAlong, StepContext
-
-__all__ = ["Chroma", "MaskedJointHandler", "MaskedJointProcessor", "chroma_ride_along_slots"]
+__all__ = ["Chroma", "chroma_ride_along_slots"]
 
 
 def chroma_ride_along_slots(ids: list[int], own: list[int], end_id: int | None, pad_id: int | None) -> list[int]:
@@ -50,194 +44,6 @@ def chroma_ride_along_slots(ids: list[int], own: list[int], end_id: int | None, 
     if len(slots) > len(own) and pad_id is not None and after < len(ids) and ids[after] == pad_id:
         slots.append(after)
     return slots
-
-
-# ---------------------------------------------------------------------------------------------
-# The joint site under a mask
-
-
-def _four_d(mask: torch.Tensor) -> torch.Tensor:
-    """A mask as SDPA broadcasts it: ``(B, S)``, ``(B, Q, S)`` or ``(B, 1 | h, 1 | Q, S)`` ->
-    ``(B, 1 | h, 1 | Q, S)``."""
-    if mask.ndim == 2:
-        return mask[:, None, None, :]
-    if mask.ndim == 3:
-        return mask[:, None]
-    return mask
-
-
-def _part(mask: torch.Tensor, rows: Any, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """The block of a 4-d mask for batch ``rows``, query positions and key positions."""
-    part = mask[rows]
-    if part.shape[-2] != 1:
-        part = part.index_select(-2, queries.to(part.device))
-    return part.index_select(-1, keys.to(part.device))
-
-
-def _as_bias(mask: torch.Tensor) -> torch.Tensor:
-    """What SDPA adds to the logits for ``mask``: float32, 0 / -inf for a boolean mask (True
-    keeps), the values themselves for a float one."""
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
-    return mask.float()
-
-
-class MaskedJointProcessor(JointInhibitorProcessor):
-    """The joint processor of a block that receives an attention mask over its joint sequence
-    (Chroma). The family extended the mask with ones for the carried tokens, so it covers
-    ``[prompt text; carried tokens; image]``; every part is taken from it as the block's own
-    processor takes it (SDPA's reading: bool keeps/removes, float is added):
-
-    - the prompt's attention (image and prompt-text queries over image and prompt-text keys)
-      runs through the block's attention backend with the block's mask restricted to those
-      tokens: the pipeline's padding treatment exactly, and the carried tokens invisible to it;
-    - each concept's carried tokens attend over ``[image; their own]`` under the mask's entries
-      for those pairs (unmasked: they are real tokens);
-    - the sink's normaliser is taken under the mask (a masked key never counts), and the
-      concept's columns carry the mask's entry for (image query, carried key), which must be
-      one value per query over all carried tokens (it is: they are all real); it moves into the
-      sink, so the engine's inhibitor runs unchanged.
-    """
-
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: Any = None,
-        **kwargs: Any,
-    ) -> Any:
-        ctx = self.shared.context()
-        if attention_mask is None or ctx is None or ctx.ride is None:
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
-                                    **kwargs)
-        started = time.perf_counter()
-        out, result, nonzero = self._masked(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
-                                            _four_d(attention_mask), ctx.ride, ctx)
-        self.report(SiteOutcome(self.site, inhibited=result.delta is not None, nonzero=nonzero,
-                                measured=result.measured, maps=result.maps, seconds=time.perf_counter() - started))
-        return out
-
-    def _dispatch_masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The prompt's attention ``(B, h, S, d)`` through diffusers' dispatcher and this block's
-        backend, with its mask, as the block's own processor runs it."""
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-        out: torch.Tensor = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  attn_mask=mask, backend=self.backend)
-        return out.transpose(1, 2)
-
-    def _masked(self, attn: Any, hidden: torch.Tensor, text: torch.Tensor | None, rotary: Any, mask: torch.Tensor,
-                ride: RideAlong, ctx: StepContext) -> tuple[Any, inhibition.SiteResult, torch.Tensor | None]:
-        single = text is None  # single-stream: hidden is [prompt text; carried; image] already
-        t_all = ride.text_length + ride.concept_length
-        if text is None:
-            q, k, v = project_heads(attn, hidden, added=False)
-        else:
-            qi, ki, vi = project_heads(attn, hidden, added=False)
-            qt, kt, vt = project_heads(attn, text, added=True)
-            q, k, v = (torch.cat(pair, dim=2) for pair in ((qt, qi), (kt, ki), (vt, vi)))  # [text; image]
-        if rotary is not None:
-            from diffusers.models.embeddings import apply_rotary_emb
-
-            q, k = (apply_rotary_emb(x, rotary, sequence_dim=2) for x in (q, k))
-        n_total = q.shape[2]
-        if mask.shape[-1] != n_total or mask.shape[-2] not in (1, n_total) or mask.shape[1] != 1:
-            self.shared.fail(f"{self.site.name}: its attention mask {tuple(mask.shape)} is not one (B, 1, 1 | S, S) "
-                             f"mask over the joint sequence with the concepts riding along (S = {n_total})")
-        device = q.device
-        txt = torch.arange(0, ride.text_length, device=device)
-        img = torch.arange(t_all, n_total, device=device)
-        prompt = torch.cat([txt, img])  # [text; image], the block's order without the carried tokens
-        n_img, n_txt = img.numel(), txt.numel()
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        every = slice(None)
-
-        # 1. the prompt's own joint attention under the block's mask, without the carried tokens
-        q_p, k_p, v_p = (t.index_select(2, prompt) for t in (q, k, v))
-        o_p = self._dispatch_masked(q_p, k_p, v_p, _part(mask, every, prompt, prompt))
-        img_q = slice(n_txt, n_txt + n_img)
-
-        # 2. the carried tokens of the rows that carry the prompt, over [image; their own]
-        rows = ctx.rows
-        o_con = q.new_zeros(q.shape[0], q.shape[1], ride.concept_length, q.shape[3])
-        k_img_r, v_img_r = k[rows][:, :, img], v[rows][:, :, img]
-        carried = []
-        for lo, hi in ride.spans:
-            span = torch.arange(t_all - ride.concept_length + lo, t_all - ride.concept_length + hi, device=device)
-            kc, vc = k[rows][:, :, span], v[rows][:, :, span]
-            o_con[rows, :, lo:hi] = attention.attend(
-                q[rows][:, :, span], torch.cat([k_img_r, kc], dim=2), torch.cat([v_img_r, vc], dim=2), scale=scale,
-                mask=_part(mask, rows, span, torch.cat([img, span])),
-            )
-            carried.append((kc, vc))
-
-        # 3. measure / observe / inhibit on the image queries of those rows
-        plan = self.shared.plan
-        q_img = q_p[rows][:, :, img_q]
-        if self.shared.sink == "image":
-            sink_keys, sink_cols = k_img_r, img
-        else:
-            sink_keys, sink_cols = k_p[rows], prompt
-        sink_mask = _part(mask, rows, img, sink_cols)[:, 0]  # (B_rows, 1 | N, T_sink)
-        sink = attention.masked_lse(q_img, sink_keys, sink_mask, scale=scale)
-        carried_cols = torch.arange(ride.text_length, t_all, device=device)
-        bias = _as_bias(_part(mask, rows, img, carried_cols))  # (B_rows, 1, 1 | N, T_carried)
-        if ride.concept_length and not bool((bias == bias[..., :1]).all()):
-            self.shared.fail(f"{self.site.name}: its attention mask treats a concept's carried tokens unlike each "
-                             "other for an image query")
-        if ride.concept_length:
-            # exp(s_c + b) / (Z_sink + sum exp(s_k + b)) = exp(s_c) / (Z_sink e^-b + sum exp(s_k))
-            sink = sink - bias[..., 0]  # (B_rows, 1, 1 | N) against (B_rows, h, N)
-        slots = [list(s) for s in plan.ride_along]
-        per_concept, per_anchor = carried[: len(slots)], carried[len(slots):]
-        own = [[i for i, slot in enumerate(c) if slot in set(p)] for c, p in zip(plan.anchor_ride_along, plan.anchor_positions)]
-        competing, spared = inhibition.anchor_effects(
-            plan, [vc for _, vc in per_concept], [ka[:, :, cols] for (ka, _), cols in zip(per_anchor, own)],
-            [va[:, :, cols] for (_, va), cols in zip(per_anchor, own)])
-        concepts = inhibition.ConceptKeys(keys=[kc for kc, _ in per_concept], values=spared, slots=slots,
-                                          competing=competing)
-        try:
-            result = inhibition.act(q_img, concepts, ctx, plan, scale=scale, sink_lse=sink)
-        except ValueError as error:
-            self.shared.fail(f"{self.site.name}: {error}")
-        o_img_p = o_p[:, :, img_q]
-        nonzero = None
-        if result.delta is not None:
-            o_img_p = o_img_p.clone()
-            delta = result.delta.to(o_img_p.dtype)
-            o_img_p[rows] -= delta
-            nonzero = delta.ne(0).any()
-
-        # back to the block's layout: (B, S, h * d)
-        def flat(x: torch.Tensor) -> torch.Tensor:
-            return x.transpose(1, 2).flatten(2, 3).to(hidden.dtype)
-
-        image_out, text_out = flat(o_img_p), flat(torch.cat([o_p[:, :, :n_txt], o_con], dim=2))
-        if single:
-            return torch.cat([text_out, image_out], dim=1), result, nonzero
-        image_out = attn.to_out[1](attn.to_out[0](image_out))
-        if not getattr(attn, "context_pre_only", False):
-            text_out = attn.to_add_out(text_out)
-        return (image_out, text_out), result, nonzero
-
-
-class MaskedJointSite(JointSite):
-    """One Chroma block's processor, replaced by :class:`MaskedJointProcessor` for one call."""
-
-    def __init__(self, handler: JointHandler, site: Site, shared: CallShared, report: Callable[[SiteOutcome], None]) -> None:
-        self.site = site
-        self.original = site.module.processor
-        self.processor = MaskedJointProcessor(self.original, site, shared, report, text_first=True)
-        site.module.set_processor(self.processor)
-
-
-class MaskedJointHandler(JointHandler):
-    """Guards joint blocks ordered ``[text; image]`` that receive an attention mask (Chroma)."""
-
-    def install(self, site: Site, shared: CallShared, report: Callable[[SiteOutcome], None]) -> JointSite:
-        return MaskedJointSite(self, site, shared, report)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +67,7 @@ class Chroma(JointFamily):
         return Flux.processors()  # Chroma's blocks run FluxAttention with FluxAttnProcessor
 
     def site_handlers(self) -> dict[SiteKind, SiteHandler]:
-        handler = MaskedJointHandler(self.processors, text_first=True)
+        handler = JointHandler(self.processors, text_first=True, masks=True)  # the blocks receive the mask
         return {"joint": handler, "single": handler}
 
     def sites(self, pipe: Any) -> tuple[Site, ...]:
