@@ -1,0 +1,130 @@
+"""Image-borne concepts: is a concept inhibited when it comes from the input image of an
+img2img call and the prompt does not name it?
+
+GIE's map compares the image's queries with the concept's keys, independently of the prompt,
+so in principle a concept present in the input image is inhibited too. Per backbone of the
+shapes world: for each seed, the unguarded text-to-image model draws "a red {target}"; the
+images whose detector finds the target are the inputs. Each input is then redrawn by img2img
+with a prompt that does not name it ("a red thing") at ``--strength``, unguarded and guarded
+with the target erased under each ``--maps`` option (scale and window as given). Reported per
+option: the share of inputs whose target survives (detected in the output), and the share of
+inputs whose other attributes (colour, style) survive, against the unguarded img2img.
+
+    python benchmarks/image_borne.py --backbone unet --target circle --seeds 0:12 --scale 3 \\
+        --maps gie,calibrated --out DIR
+    python benchmarks/image_borne.py --smoke --out DIR   # seconds (CI)
+
+Writes DIR/results.json and DIR/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from gie_guard import Guard  # noqa: E402
+from gie_guard.shapes import load_pipeline  # noqa: E402
+from gie_guard.shapes.detector import load_detector  # noqa: E402
+
+STEPS = 20
+GUIDANCE = 5.0
+
+
+def img2img_of(pipe, backbone: str):
+    """The img2img pipeline over the same components (same weights, no copy)."""
+    from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusionImg2ImgPipeline
+
+    cls = StableDiffusionImg2ImgPipeline if backbone == "unet" else StableDiffusion3Img2ImgPipeline
+    components = {k: v for k, v in pipe.components.items() if k in cls._get_signature_keys(cls)[0] or k in
+                  ("safety_checker", "feature_extractor")}
+    extra = {"requires_safety_checker": False} if backbone == "unet" else {}
+    out = cls(**components, **extra)
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="unet", choices=("unet", "dit"))
+    parser.add_argument("--target", default="circle")
+    parser.add_argument("--seeds", default="0:12")
+    parser.add_argument("--scale", type=float, default=None, help="GIE scale (required unless --smoke)")
+    parser.add_argument("--window", default="0,1")
+    parser.add_argument("--strength", type=float, default=0.6)
+    parser.add_argument("--maps", default="gie,calibrated")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=pathlib.Path, required=True)
+    parser.add_argument("--smoke", action="store_true", help="two seeds, 4 steps, gie and calibrated: seconds (CI)")
+    args = parser.parse_args(argv)
+    global STEPS
+    if args.smoke:
+        STEPS, args.seeds, args.scale, args.maps = 4, "0:2", 2.0, "gie,calibrated"
+    if args.scale is None:
+        parser.error("--scale is required")
+    torch.set_num_threads(args.threads)
+    start, end = (int(x) for x in args.seeds.split(":"))
+    window = [float(x) for x in args.window.split(",")]
+    t0 = time.perf_counter()
+    pipe = load_pipeline(backbone=args.backbone)
+    pipe.set_progress_bar_config(disable=True)
+    detector = load_detector()
+    seeds = list(range(start, end))
+
+    def draw(call, **kw) -> np.ndarray:
+        """(S, 32, 32, 3) uint8 images, one per seed."""
+        return np.stack([call(num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np",
+                              generator=torch.Generator().manual_seed(s), **{k: (v[i] if isinstance(v, list) else v)
+                                                                              for k, v in kw.items()}).images[0]
+                         for i, s in enumerate(seeds)]).__mul__(255).round().astype(np.uint8)
+
+    sources = draw(pipe, prompt=f"a red {args.target}")
+    found = detector(sources)
+    inputs = [i for i, f in enumerate(found) if args.target in f]
+    if not inputs:
+        parser.error(f"no unguarded image of 'a red {args.target}' shows it on seeds {args.seeds}: nothing to measure")
+    seeds = [seeds[i] for i in inputs]
+    images = [Image.fromarray(sources[i]) for i in inputs]
+    i2i = img2img_of(pipe, args.backbone)
+    prompt = "a red thing"
+    plain = draw(i2i, prompt=prompt, image=images, strength=args.strength)
+    plain_found = detector(plain)
+    rows = [{"map": "unguarded", "target_survives": float(np.mean([args.target in f for f in plain_found])),
+             "n": len(seeds)}]
+    for concept_map in [m.strip() for m in args.maps.split(",") if m.strip()]:
+        policy = {"name": "image-borne", "inhibit_steps": window,
+                  "concepts": [{"id": "target", "text": args.target, "scale": args.scale}]}
+        guard = Guard(policy=policy, concept_map=concept_map, exclusive=False)
+        guarded = draw(lambda **kw: guard(i2i, **kw), prompt=prompt, image=images, strength=args.strength)
+        after = detector(guarded)
+        others = [(p - {args.target}, a - {args.target}) for p, a in zip(plain_found, after)]
+        rows.append({"map": concept_map, "target_survives": float(np.mean([args.target in f for f in after])),
+                     "others_kept": float(np.mean([p <= a for p, a in others])) if others else float("nan"),
+                     "n": len(seeds)})
+        print(f"[{time.perf_counter() - t0:6.0f}s] {concept_map}: {rows[-1]}", file=sys.stderr, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    md = [f"# Image-borne concepts ({args.backbone}, target {args.target!r})\n",
+          f"inputs: unguarded 'a red {args.target}' images that show it, seeds {start}:{end} ({len(seeds)} kept); "
+          f"img2img prompt {prompt!r}, strength {args.strength}, {STEPS} steps, guidance {GUIDANCE}; erased at scale "
+          f"{args.scale:g}, window {window}; command: `python benchmarks/image_borne.py "
+          f"{' '.join(argv if argv is not None else sys.argv[1:])}`; {time.strftime('%Y-%m-%d')}\n",
+          "| map | target survives | other attributes kept | n |", "|---|---|---|---|"]
+    md += [f"| {r['map']} | {r['target_survives']:.2f} | {r.get('others_kept', float('nan')):.2f} | {r['n']} |"
+           for r in rows]
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "results.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
