@@ -22,7 +22,10 @@ place-less prompts are drawn well (docs/shapes.md).
   (circle: square, triangle, star, cross), each prompted alone by its canonical word; the
   largest of them, and which word it was. Bar: <= 0.10.
 
-Also reported: pair_target_removal, the target's removal in the two-thing prompts.
+Also reported, without a bar: pair_target_removal, the target's removal in the two-thing
+prompts; other_shown_anywhere / other_shown_in_place, the looser questions behind other_kept
+(is the other attribute still drawn at all / still in its cell); null_attributes_kept, the
+null concept's share of (cell, attribute) pairs kept, as erasure.py counts "attributes kept".
 
 Methods are the rows of METHODS (name -> how to guard). GIE rows erase the target at the
 scale and window the erasure benchmarks chose for each backbone (SCALES; benchmarks/results/
@@ -257,15 +260,20 @@ def measure(runner: Runner, method: Method, prompts: Prompts, scale: float) -> d
     for word in prompts.sibling_words:
         before = runner.unguarded(prompts.sibling(word), seeds)
         siblings[word] = S.removal(before, runner.cells(run, call, prompts.sibling(word), seeds, **extra), word)
-    null = S.all_kept(runner.unguarded(prompts.various(), seeds),
-                      runner.cells(null_run, null_call, prompts.various(), seeds, **null_extra))
+    null_before = runner.unguarded(prompts.various(), seeds)
+    null_after = runner.cells(null_run, null_call, prompts.various(), seeds, **null_extra)
+    null = S.all_kept(null_before, null_after)
     worst = max(((r, w) for w, (r, n) in siblings.items() if n), default=(float("nan"), None))
     removal, removal_n = S.pooled(list(by_word.values()))
     other_kept, other_n = S.other_kept(pair_before, pair_after, prompts.pair_others(), prompts.other, target)
+    (other_anywhere, _), (other_in_place, _) = S.other_survives(pair_before, pair_after, prompts.pair_others(),
+                                                                 prompts.other, target)
     pair_removal, pair_n = S.removal(pair_before, pair_after, target)
     return dict(target_removal=removal, target_removal_n=removal_n, target_removal_by_word=by_word,
-                other_kept=other_kept, other_kept_n=other_n, pair_target_removal=pair_removal,
-                pair_target_removal_n=pair_n, null_kept=null[0], null_n=null[1], sibling_removal=worst[0],
+                other_kept=other_kept, other_kept_n=other_n, other_shown_anywhere=other_anywhere,
+                other_shown_in_place=other_in_place, pair_target_removal=pair_removal,
+                pair_target_removal_n=pair_n, null_kept=null[0], null_n=null[1],
+                null_attributes_kept=S.attributes_kept(null_before, null_after), sibling_removal=worst[0],
                 sibling_worst_word=worst[1], sibling_removal_by_word=siblings)
 
 
@@ -303,6 +311,13 @@ def markdown(rows: Sequence[Mapping[str, Any]], header: Sequence[str]) -> str:
             f"{_rate(r['pair_target_removal'], r['pair_target_removal_n'])} | {sum(ok.values())}/4 |")
     ran = [r for r in rows if r["status"] == "ran"]
     if ran:
+        lines += ["", "Diagnostics (no bar): how the other thing is lost in pairs (its attribute still shown in any "
+                  "cell / in its unguarded cell, same eligible seeds as other kept), and the null concept's share of "
+                  "(cell, attribute) pairs kept (erasure.py's attributes kept, per cell):", "",
+                  "| method | other shown anywhere | other shown in place | null attributes kept |", "|---|---|---|---|"]
+        for r in ran:
+            lines.append(f"| {r['method']} | {_rate(r['other_shown_anywhere'])} | {_rate(r['other_shown_in_place'])} | "
+                         f"{_rate(r['null_attributes_kept'])} |")
         words = list(ran[0]["target_removal_by_word"]) + list(ran[0]["sibling_removal_by_word"])
         lines += ["", "Removal per prompted word (target words first, then the siblings; n = seeds whose "
                   "unguarded image shows the attribute):", "",

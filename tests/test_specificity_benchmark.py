@@ -16,7 +16,8 @@ from gie_guard.shapes import specificity as S
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "specificity.py"
-MEASURES = ("target_removal", "other_kept", "null_kept", "sibling_removal", "pair_target_removal")
+MEASURES = ("target_removal", "other_kept", "null_kept", "sibling_removal", "pair_target_removal", "other_shown_anywhere",
+            "other_shown_in_place", "null_attributes_kept")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -105,11 +106,14 @@ def test_other_kept_wants_the_same_cell_and_every_attribute() -> None:
              {"left": set(), "right": {"blue", "square", "dotted"}},  # restyled
              {"left": set(), "right": set()}]                    # no square unguarded: not counted
     assert S.other_kept(before, after, [square] * 4, "square", "circle") == (1 / 3, 3)
+    # looser: the square is still drawn in all three, in its own cell in two
+    assert S.other_survives(before, after, [square] * 4, "square", "circle") == ((1.0, 3), (2 / 3, 3))
 
 
 def test_all_kept_and_prompts() -> None:
     cells = [{"left": RED_CIRCLE, "right": set()}, {"left": RED_CIRCLE, "right": BLUE_SQUARE}]
     assert S.all_kept(cells, [cells[0], {"left": RED_CIRCLE, "right": set()}]) == (0.5, 2)
+    assert S.attributes_kept(cells, [cells[0], {"left": RED_CIRCLE, "right": set()}]) == 6 / 9
     assert S.siblings("circle") == ("square", "triangle", "star", "cross")
     assert S.Words.of("circle").all() == ("circle", "disc", "disk")
     assert S.single_prompt("disk", "circle", 3).endswith(" disk")

@@ -150,6 +150,32 @@ def other_kept(before: Sequence[Cells], after: Sequence[Cells], others: Sequence
     return (kept / eligible if eligible else float("nan"), eligible)
 
 
+def other_survives(before: Sequence[Cells], after: Sequence[Cells], others: Sequence[dict[str, str]], other: str,
+                   target: str) -> tuple[tuple[float, int], tuple[float, int]]:
+    """Looser than :func:`other_kept`, on the same eligible images, to tell how the other thing
+    is lost: ((share whose guarded image still shows the other attribute in any cell, eligible),
+    (share that still shows it in the same cell, eligible))."""
+    anywhere, in_place, eligible = 0, 0, 0
+    for cells_before, cells_after, thing in zip(before, after, others):
+        cell = other_cell(cells_before, other, thing, target)
+        if cell is None:
+            continue
+        eligible += 1
+        anywhere += shows(cells_after, other)
+        in_place += other in cells_after[cell]
+    if not eligible:
+        return (float("nan"), 0), (float("nan"), 0)
+    return (anywhere / eligible, eligible), (in_place / eligible, eligible)
+
+
+def attributes_kept(before: Sequence[Cells], after: Sequence[Cells]) -> float:
+    """Share of the unguarded images' (cell, attribute) pairs that the guarded images keep:
+    erasure.py's "attributes kept", per cell (nan when nothing was found)."""
+    total = sum(len(b[c]) for b in before for c in CELLS)
+    kept = sum(len(b[c] & a[c]) for b, a in zip(before, after) for c in CELLS)
+    return kept / total if total else float("nan")
+
+
 def all_kept(before: Sequence[Cells], after: Sequence[Cells]) -> tuple[float, int]:
     """(share of images whose every cell holds exactly the attributes it held unguarded, images)."""
     same = sum(all(b[c] == a[c] for c in CELLS) for b, a in zip(before, after))
