@@ -62,7 +62,9 @@ def test_smoke_writes_one_row_per_method_with_the_schema(smoke: pathlib.Path) ->
 def test_smoke_writes_the_markdown_table(smoke: pathlib.Path) -> None:
     md = (smoke / "results.md").read_text()
     assert "| method | target removal | other kept | null kept | sibling removal (worst word) |" in md
-    assert md.count("\n| default |") == 2 and md.count("\n| negative-prompt |") == 2  # main and per-word tables
+    assert "| method | other shown anywhere | other shown in place | null attributes kept |" in md
+    # the main, diagnostics and per-word tables
+    assert md.count("\n| default |") == 3 and md.count("\n| negative-prompt |") == 3
     assert "held-out synonyms: none" in md and "--smoke" in md
 
 
