@@ -37,8 +37,10 @@ prompt); the anchor rows give the concept the target's siblings as preservation 
 Baselines: `negative-prompt` (the unguarded pipeline, the target as negative prompt) and
 `sld`, diffusers' Safe Latent Diffusion (StableDiffusionPipelineSafe, "medium" settings as in
 erasure.py, the target as safety concept), built from the two-cell UNet pipeline's own
-components; SLD exists for Stable Diffusion 1.x pipelines only, so it does not apply to the
-transformer. A row whose method does not apply to the backbone, or that the guard refuses with
+components (its constructor compares ``unet.config.sample_size < 64``, a TypeError for the
+two-cell UNet's rectangular (8, 16), so the config holds an int while it is built; nothing
+else reads it, since height and width are always passed); SLD exists for Stable Diffusion 1.x
+pipelines only, so it does not apply to the transformer. A row whose method does not apply to the backbone, or that the guard refuses with
 a ConfigurationError, is skipped and says why in results.md. A new engine option is a new row:
 ``guard_options`` are Guard(...) keyword arguments, ``policy_options`` policy keys.
 
