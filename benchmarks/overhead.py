@@ -66,7 +66,7 @@ def _bookkeeping(pipe):
 
 
 def measure(family: str, size: int, steps: int, repeats: int, concepts: list[int], device: str, dtype: str,
-            smoke: bool = False) -> str:
+            smoke: bool = False, maps: tuple[str, ...] = ()) -> str:
     dev = torch.device(device)
     if smoke:
         pipe, base_settings = tiny_pipeline(family)
@@ -79,6 +79,10 @@ def measure(family: str, size: int, steps: int, repeats: int, concepts: list[int
     for c in concepts:
         guard = Guard(policy=concept_policy(c), metrics=metrics)
         variants[f"gie_guard, {c} concept{'s' if c > 1 else ''}"] = lambda guard=guard, **kw: guard(pipe, **kw)
+        for concept_map in maps:  # the specificity options, at the same concept count
+            guard = Guard(policy=concept_policy(c), metrics=metrics, concept_map=concept_map)
+            variants[f"gie_guard, {c} concept{'s' if c > 1 else ''}, {concept_map} map"] = (
+                lambda guard=guard, **kw: guard(pipe, **kw))
     variants["engine bookkeeping only"] = _bookkeeping(pipe)
     wall: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
@@ -117,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="denoising steps per call")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant (median reported)")
     parser.add_argument("--concepts", default="1,8")
+    parser.add_argument("--maps", default="", help="comma-separated concept_map options to time beside gie "
+                        "(calibrated, gated, output)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: shared machines)")
@@ -128,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         args.size, args.repeats, args.steps = 16, 1, 1
     concepts = [int(x) for x in args.concepts.split(",")]
     for family in families:
-        print(measure(family, args.size, args.steps, args.repeats, concepts, args.device, args.dtype, args.smoke) + "\n")
+        print(measure(family, args.size, args.steps, args.repeats, concepts, args.device, args.dtype, args.smoke,
+                      tuple(m for m in args.maps.split(",") if m)) + "\n")
     return 0
 
 
