@@ -111,11 +111,12 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "default": Method("Guard as shipped: the family's default sink and preserve_by, no anchors"),
-    "gie-own": Method("GIE, sink own: softmax over the concept's own encoding (the UNet default)",
-                      backbones=("unet",), guard_options={"sink": "own"}),
-    "gie-image-sink": Method("GIE, sink image: the joint block's image keys compete (the SD3 default)",
-                             backbones=("dit",), guard_options={"sink": "image"}),
-    "gie-prompt-sink": Method("GIE, sink prompt: the prompt's keys compete", guard_options={"sink": "prompt"}),
+    "gie-own": Method("GIE's own map, sink own: softmax over the concept's own encoding (the UNet's sink)",
+                      backbones=("unet",), guard_options={"sink": "own", "concept_map": "gie"}),
+    "gie-image-sink": Method("GIE's own map, sink image: the joint block's image keys compete (the SD3 default)",
+                             backbones=("dit",), guard_options={"sink": "image", "concept_map": "gie"}),
+    "gie-prompt-sink": Method("GIE's own map, sink prompt: the prompt's keys compete",
+                              guard_options={"sink": "prompt", "concept_map": "gie"}),
     "anchors-compete": Method("GIE (default sink), the target's siblings as anchors, preserve_by compete",
                               anchors="compete"),
     "anchors-project": Method("GIE (default sink), the target's siblings as anchors, preserve_by project",

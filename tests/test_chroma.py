@@ -18,7 +18,7 @@ from gie_guard import Guard
 from gie_guard.engine import ConceptSpec, StepWindow, compile_plan, family_for
 from gie_guard.engine.families.chroma import Chroma
 from gie_guard.testing import dit
-from gie_guard.testing.reference import engine_layer, flux_rotary, joint_inputs
+from gie_guard.testing.reference import engine_layer, flux_rotary, joint_inputs, random_norms
 
 SETTINGS = dict(height=32, width=32, max_sequence_length=48)
 PROMPT = "a photo of a nude person on a beach"
@@ -166,21 +166,10 @@ def test_chroma_inpaint_is_refused_by_name():
 # -- phase B: the joint site with Chroma's mask ------------------------------------------------------
 
 
-def _random_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every q/k norm weight of the attention layers drawn from U(0.5, 1.5) (the tiny pipeline's
-    are all ones, under which norm_q and norm_k are interchangeable)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1].startswith("norm_") and getattr(module, "weight", None) is not None:
-                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=g))
-    return model
-
-
 @pytest.fixture(scope="module")
 def chroma_norms():
     pipe = dit.tiny_chroma_pipeline()
-    _random_norms(pipe.transformer)
+    random_norms(pipe.transformer)
     return pipe
 
 

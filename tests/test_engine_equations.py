@@ -10,7 +10,7 @@ from gie_guard.testing.reference import engine_layer, literal_cross_attention
 
 
 def _site(pipe, index=0):
-    plan = compile_plan(pipe, [], StepWindow())
+    plan = compile_plan(pipe, [], StepWindow(), concept_map="gie")
     name = plan.site_names[index]
     return name, pipe.unet.get_submodule(name)
 
@@ -46,7 +46,7 @@ def test_engine_matches_literal_equation_8(sd_pipe, concepts, long_prompt):
     text, ids = _prompt_embeds(sd_pipe, [prompt, "a red car"])
     if long_prompt:
         assert ids[0][-1] == end_id and sd_pipe.tokenizer.pad_token_id not in ids[0]
-    plan = compile_plan(sd_pipe, concepts, StepWindow(0.0, 1.0))
+    plan = compile_plan(sd_pipe, concepts, StepWindow(0.0, 1.0), concept_map="gie")
     for index in (0, 7, 15):  # down, mid, up
         name, attn = _site(sd_pipe, index)
         torch.manual_seed(index)
@@ -64,7 +64,7 @@ def test_engine_matches_literal_equation_8(sd_pipe, concepts, long_prompt):
 def _plain_and_guarded(pipe, text, concept, site, rows):
     """One cross-attention layer's output on random queries, as it is and with the engine
     inhibiting ``concept`` (scale 5) in ``rows``."""
-    plan = compile_plan(pipe, [ConceptSpec("c", concept, 5.0)], StepWindow(0.0, 1.0))
+    plan = compile_plan(pipe, [ConceptSpec("c", concept, 5.0)], StepWindow(0.0, 1.0), concept_map="gie")
     _, attn = _site(pipe, site)
     hidden = torch.randn(text.shape[0], 16, attn.to_q.in_features)
     with torch.no_grad():
@@ -92,7 +92,7 @@ def test_rows_need_not_be_contiguous(sd_pipe):
 
 def test_outside_the_window_the_layer_is_bit_identical(sd_pipe):
     text, _ = _prompt_embeds(sd_pipe, ["a photo of a beach"])
-    plan = compile_plan(sd_pipe, [ConceptSpec("c", "beach", 5.0)], StepWindow(0.0, 0.5))
+    plan = compile_plan(sd_pipe, [ConceptSpec("c", "beach", 5.0)], StepWindow(0.0, 0.5), concept_map="gie")
     _, attn = _site(sd_pipe, 5)
     hidden = torch.randn(2, 16, attn.to_q.in_features)
     originals = dict(sd_pipe.unet.attn_processors)
@@ -110,7 +110,7 @@ def test_outside_the_window_the_layer_is_bit_identical(sd_pipe):
 
 def test_zero_scale_is_the_identity(sd_pipe):
     text, _ = _prompt_embeds(sd_pipe, ["a photo of a beach"])
-    plan = compile_plan(sd_pipe, [ConceptSpec("c", "beach", 5.0)], StepWindow(0.0, 1.0))
+    plan = compile_plan(sd_pipe, [ConceptSpec("c", "beach", 5.0)], StepWindow(0.0, 1.0), concept_map="gie")
     _, attn = _site(sd_pipe, 9)
     hidden = torch.randn(2, 16, attn.to_q.in_features)
     with torch.no_grad():
@@ -125,7 +125,7 @@ def test_zero_scale_is_the_identity(sd_pipe):
 def test_attention_slicing_gives_the_same_result(sd_pipe):
     text, _ = _prompt_embeds(sd_pipe, ["a photo of a beach", "a cat on a sofa"])
     concepts = [ConceptSpec("a", "beach", 4.0), ConceptSpec("b", "cat", 2.0), ConceptSpec("c", "sofa", 1.0)]
-    plan = compile_plan(sd_pipe, concepts, StepWindow(0.0, 1.0))
+    plan = compile_plan(sd_pipe, concepts, StepWindow(0.0, 1.0), concept_map="gie")
     _, attn = _site(sd_pipe, 2)
     hidden = torch.randn(4, 16, attn.to_q.in_features)
     originals = dict(sd_pipe.unet.attn_processors)
@@ -145,7 +145,7 @@ def test_prompt_sink_matches_its_literal_definition(sd_pipe):
     end_id = sd_pipe.tokenizer.sep_token_id
     text, ids = _prompt_embeds(sd_pipe, ["a painting of a person on a beach at sunset"])
     concepts = [ConceptSpec("a", "beach", 4.0), ConceptSpec("b", "sunset", 2.0)]
-    plan = compile_plan(sd_pipe, concepts, StepWindow(0.0, 1.0), sink="prompt")
+    plan = compile_plan(sd_pipe, concepts, StepWindow(0.0, 1.0), sink="prompt", concept_map="gie")
     _, attn = _site(sd_pipe, 6)
     hidden = torch.randn(2, 16, attn.to_q.in_features)
     with torch.no_grad(), engine_layer(sd_pipe, plan, rows=[1]):

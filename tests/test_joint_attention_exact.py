@@ -10,26 +10,21 @@ import torch
 
 from gie_guard.engine import ConceptSpec, StepWindow, compile_plan
 from gie_guard.testing import dit
-from gie_guard.testing.reference import engine_joint_block, flux_rotary, joint_inputs, literal_joint_attention
+from gie_guard.testing.reference import (
+    engine_joint_block,
+    flux_rotary,
+    joint_inputs,
+    literal_joint_attention,
+    random_norms,
+)
 
 CONCEPTS = [ConceptSpec("nude", "nude", 3.0), ConceptSpec("car", "red car", 7.0)]
-
-
-def _random_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every RMS/layer-norm weight of the attention layers drawn from U(0.5, 1.5): the tiny
-    pipelines' norms are all ones, under which norm_q and norm_k are interchangeable."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1].startswith("norm_") and getattr(module, "weight", None) is not None:
-                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=g))
-    return model
 
 
 @pytest.fixture(scope="module")
 def sd35():
     pipe = dit.tiny_sd35_pipeline()
-    _random_norms(pipe.transformer)
+    random_norms(pipe.transformer)
     return pipe
 
 
@@ -41,7 +36,7 @@ def sd3():
 @pytest.fixture(scope="module")
 def flux():
     pipe = dit.tiny_flux_pipeline()
-    _random_norms(pipe.transformer)
+    random_norms(pipe.transformer)
     return pipe
 
 

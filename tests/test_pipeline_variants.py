@@ -43,7 +43,8 @@ def test_variant_is_guarded_end_to_end(case):
     plain = run(pipe, **extra).images
     out = run(pipe, Guard(policy=STRONG), **extra)
     report = out.guard_report
-    assert np.abs(out.images - plain).max() > 1e-3, case
+    # > 1e-4: on random SDXL weights the calibrated map (the UNet default) changes little
+    assert np.abs(out.images - plain).max() > 1e-4, case
     assert report.steps_inhibited == (0, 1) and report.concept_ids == ("beach",) and report.total_steps == 2
     assert report.rows_guarded and all(rows for _, rows in report.rows_guarded)
     assert all(pipe.unet.attn_processors[k] is p for k, p in before.items()), case

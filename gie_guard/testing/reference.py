@@ -177,6 +177,17 @@ def engine_layer(
         call.remove()
 
 
+def random_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every q/k norm weight of ``model``'s attention layers drawn from U(0.5, 1.5), in place:
+    the tiny pipelines' norms are all ones, under which norm_q and norm_k are interchangeable."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1].startswith("norm_") and getattr(module, "weight", None) is not None:
+                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=g))
+    return model
+
+
 def joint_inputs(
     attn: Any, plan: Any, *, n: int = 12, t: int = 20, rows: int = 2, seed: int = 0, single: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:

@@ -30,8 +30,8 @@ import torch
 
 from ..joint import JointHandler
 from ..sites import Site, SiteHandler, SiteKind
-from .base import JointFamily, call_default, concept_slots, ride_along_slots
-from .flux import Flux
+from .base import JointFamily, concept_slots, ride_along_slots
+from .flux import Flux, double_and_single_sites, t5_length_option
 
 __all__ = ["Chroma", "chroma_ride_along_slots"]
 
@@ -71,20 +71,10 @@ class Chroma(JointFamily):
         return {"joint": handler, "single": handler}
 
     def sites(self, pipe: Any) -> tuple[Site, ...]:
-        model = self.denoiser(pipe)
-        double = [
-            Site(name=f"transformer_blocks.{i}.attn", module=b.attn, kind="joint", block=i)
-            for i, b in enumerate(getattr(model, "transformer_blocks", ()))
-        ]
-        single = [
-            Site(name=f"single_transformer_blocks.{i}.attn", module=b.attn, kind="single", block=len(double) + i)
-            for i, b in enumerate(getattr(model, "single_transformer_blocks", ()))
-        ]
-        return tuple(double + single)
+        return double_and_single_sites(self.denoiser(pipe))
 
     def encoding_options(self, pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        length = kwargs.get("max_sequence_length") or call_default(pipe, "max_sequence_length", 512)
-        return {"max_sequence_length": int(length)}
+        return t5_length_option(pipe, kwargs)
 
     def _slots(self, pipe: Any, text: str, concept_id: str, options: dict[str, Any]) -> tuple[list[int], list[int]]:
         tokenizer = pipe.tokenizer

@@ -19,7 +19,27 @@ import torch
 from ...errors import UnsupportedPipelineError
 from .base import JointFamily, Site, call_default, concept_slots, ride_along_slots
 
-__all__ = ["Flux"]
+__all__ = ["Flux", "double_and_single_sites", "t5_length_option"]
+
+
+def double_and_single_sites(model: Any) -> tuple[Site, ...]:
+    """A Flux-layout transformer's sites: its double-stream blocks' joint attention, then its
+    single-stream blocks' (numbered on after the double ones)."""
+    double = [
+        Site(name=f"transformer_blocks.{i}.attn", module=b.attn, kind="joint", block=i)
+        for i, b in enumerate(getattr(model, "transformer_blocks", ()))
+    ]
+    single = [
+        Site(name=f"single_transformer_blocks.{i}.attn", module=b.attn, kind="single", block=len(double) + i)
+        for i, b in enumerate(getattr(model, "single_transformer_blocks", ()))
+    ]
+    return tuple(double + single)
+
+
+def t5_length_option(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The T5 sequence length a call encodes its prompt with (the pipeline's default: 512)."""
+    length = kwargs.get("max_sequence_length") or call_default(pipe, "max_sequence_length", 512)
+    return {"max_sequence_length": int(length)}
 
 
 class Flux(JointFamily):
@@ -51,21 +71,10 @@ class Flux(JointFamily):
         return {FluxAttnProcessor}
 
     def sites(self, pipe: Any) -> tuple[Site, ...]:
-        model = self.denoiser(pipe)
-        double = [
-            Site(name=f"transformer_blocks.{i}.attn", module=b.attn, kind="joint", block=i)
-            for i, b in enumerate(getattr(model, "transformer_blocks", ()))
-        ]
-        n = len(double)
-        single = [
-            Site(name=f"single_transformer_blocks.{i}.attn", module=b.attn, kind="single", block=n + i)
-            for i, b in enumerate(getattr(model, "single_transformer_blocks", ()))
-        ]
-        return tuple(double + single)
+        return double_and_single_sites(self.denoiser(pipe))
 
     def encoding_options(self, pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        length = kwargs.get("max_sequence_length") or call_default(pipe, "max_sequence_length", 512)
-        return {"max_sequence_length": int(length)}
+        return t5_length_option(pipe, kwargs)
 
     def _slots(self, pipe: Any, text: str, concept_id: str, options: dict[str, Any]) -> tuple[list[int], list[int]]:
         tokenizer = pipe.tokenizer_2

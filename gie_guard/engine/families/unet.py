@@ -35,6 +35,7 @@ def unet_sites(unet: Any) -> tuple[Site, ...]:  # a diffusers UNet2DConditionMod
 
 class _UNetFamily(Family):
     denoiser_attr = "unet"
+    default_map = "calibrated"  # measured on the shapes UNet (docs/families.md, "Which map")
     tokenizer_attrs = ("tokenizer", "tokenizer_2")
     text_encoder_attrs = ("text_encoder", "text_encoder_2")
 
