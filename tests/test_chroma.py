@@ -18,7 +18,7 @@ from gie_guard import Guard
 from gie_guard.engine import ConceptSpec, StepWindow, compile_plan, family_for
 from gie_guard.engine.families.chroma import Chroma
 from gie_guard.testing import dit
-from gie_guard.testing.reference import engine_layer, flux_rotary, joint_inputs, random_norms
+from gie_guard.testing.reference import ZeroScales, engine_layer, flux_rotary, joint_inputs, random_norms
 
 SETTINGS = dict(height=32, width=32, max_sequence_length=48)
 PROMPT = "a photo of a nude person on a beach"
@@ -364,18 +364,6 @@ def test_guarded_chroma_img2img_erases():
     assert np.abs(out.images - plain).max() > 1e-4
 
 
-class _Zero:
-    """Scales of zero at call time: the concepts still ride along (the plan has them)."""
-
-    probe = False
-
-    def __init__(self, plan):
-        self.plan = plan
-
-    def scales(self, step, measured):
-        return torch.zeros_like(self.plan.token_scales)
-
-
 def test_concepts_riding_at_scale_zero_leave_the_call_as_unguarded(chroma_norms):
     """The whole denoiser with the concept tokens carried through every block under the
     extended mask and nothing subtracted: equal to the unguarded call (relative 1e-6). A leak
@@ -387,7 +375,7 @@ def test_concepts_riding_at_scale_zero_leave_the_call_as_unguarded(chroma_norms)
     args = dict(prompt=PROMPT, num_inference_steps=2, output_type="latent", **SETTINGS)
     plan = compile_plan(pipe, CONCEPTS, StepWindow(0.0, 1.0), options={"max_sequence_length": 48})
     unguarded = pipe(generator=torch.Generator().manual_seed(0), **args).images
-    with guarded_call(pipe, plan, scale_source=_Zero(plan)) as record:
+    with guarded_call(pipe, plan, scale_source=ZeroScales(plan)) as record:
         riding = pipe(generator=torch.Generator().manual_seed(0), **args).images
     assert record.guarded_calls == 2 and record.steps_inhibited == []  # rode along, subtracted nothing
     assert _rel(riding, unguarded) <= 1e-6

@@ -15,6 +15,7 @@ from gie_guard.testing.reference import (
     flux_rotary,
     joint_inputs,
     literal_joint_attention,
+    ZeroScales,
     random_norms,
 )
 
@@ -115,18 +116,6 @@ def test_flux_with_random_norms_matches_the_literal_reference_and_keeps_the_prom
     assert _rel(got_text[1:, t:], want_concepts[1:]) < 1e-5, f"{site}: the concept tokens' stream"
 
 
-class _Zero:
-    """Scales of zero at call time: the concepts still ride along (the plan has them)."""
-
-    probe = False
-
-    def __init__(self, plan):
-        self.plan = plan
-
-    def scales(self, step, measured):
-        return torch.zeros_like(self.plan.token_scales)
-
-
 @pytest.mark.parametrize("family", ["sd3", "sd35", "flux"])
 def test_concepts_riding_at_scale_zero_leave_the_call_as_unguarded(family, sd3, sd35, flux):
     """The whole denoiser with the concept tokens carried through every block and nothing
@@ -141,7 +130,7 @@ def test_concepts_riding_at_scale_zero_leave_the_call_as_unguarded(family, sd3, 
                 output_type="latent", **extra)
     plan = compile_plan(pipe, CONCEPTS, StepWindow(0.0, 1.0), options=extra or None)
     unguarded = pipe(generator=torch.Generator().manual_seed(0), **args).images
-    with guarded_call(pipe, plan, scale_source=_Zero(plan)) as record:
+    with guarded_call(pipe, plan, scale_source=ZeroScales(plan)) as record:
         riding = pipe(generator=torch.Generator().manual_seed(0), **args).images
     assert record.guarded_calls == 2 and record.steps_inhibited == []  # rode along, subtracted nothing
     assert _rel(riding, unguarded) <= 1e-6

@@ -15,6 +15,7 @@ from gie_guard.engine.cross import CrossHandler
 from gie_guard.engine.families.unet import StableDiffusion
 from gie_guard.engine.sites import Site
 from gie_guard.testing import dit
+from gie_guard.testing.reference import ZeroScales
 
 STRONG = {"name": "strong", "inhibit_steps": [0.0, 1.0], "concepts": [{"id": "nude", "text": "nude", "scale": 6.0}]}
 PROMPT = "a photo of a nude person on a beach"
@@ -65,16 +66,9 @@ def test_a_riding_concept_at_scale_zero_through_the_users_backend_changes_nothin
     pipe = dit.tiny_flux_pipeline()
     pipe.transformer.set_attention_backend("_native_math")
     plan = compile_plan(pipe, [ConceptSpec("nude", "nude", 5.0)], StepWindow(0.0, 1.0), options={"max_sequence_length": 48})
-    zero = torch.zeros_like(plan.token_scales)
-
-    class Zero:  # a scale source that keeps the concept riding, at w = 0
-        probe = False
-
-        def scales(self, step, measured):
-            return zero
-
     plain = _flux_call(pipe).images
-    with counting_backend("_native_math") as calls, guarded_call(pipe, plan, scale_source=Zero()) as record:
+    with counting_backend("_native_math") as calls, \
+            guarded_call(pipe, plan, scale_source=ZeroScales(plan)) as record:
         got = _flux_call(pipe).images
     assert calls and record.guarded_calls == 2
     assert float(abs(got - plain).max()) <= 1e-6 * max(1.0, float(abs(plain).max()))

@@ -177,6 +177,20 @@ def engine_layer(
         call.remove()
 
 
+class ZeroScales:
+    """A scale source (gie_guard.engine.ScaleSource) of zero scales at call time: the plan's
+    concepts still ride along and are computed, at w = 0 (checks that carrying them changes
+    nothing)."""
+
+    probe = False
+
+    def __init__(self, plan: Any) -> None:
+        self.plan = plan
+
+    def scales(self, step: int, measured: Any) -> torch.Tensor:
+        return torch.zeros_like(self.plan.token_scales)
+
+
 def random_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Every q/k norm weight of ``model``'s attention layers drawn from U(0.5, 1.5), in place:
     the tiny pipelines' norms are all ones, under which norm_q and norm_k are interchangeable."""
