@@ -18,7 +18,7 @@ import torch
 if TYPE_CHECKING:
     from .plan import Plan
 
-__all__ = ["CallShared", "RideAlong", "StepContext", "as_index", "to_plan_slots"]
+__all__ = ["CallShared", "RideAlong", "SiteText", "StepContext", "as_index", "to_plan_slots"]
 
 
 @dataclass(frozen=True)
@@ -61,13 +61,29 @@ class StepContext:
 
 
 @dataclass(frozen=True, eq=False)
+class SiteText:
+    """Encodings as cross-attention layers receive text (after the denoiser's caption
+    projection), for the encoding slots a site ever projects: all of them where a concept's
+    own softmax runs over its whole encoding, else only its own tokens (the prompt sink's
+    inserted columns, anchors). The projection is per token, so leaving slots out is exact."""
+
+    states: torch.Tensor  # (C, S, D) over ``slots``
+    slots: tuple[int, ...]  # the encoding slots the S columns stand for
+
+    def columns(self, wanted: Sequence[int]) -> list[int]:
+        """The columns of encoding slots ``wanted``."""
+        at = {slot: i for i, slot in enumerate(self.slots)}
+        return [at[s] for s in wanted]
+
+
+@dataclass(frozen=True, eq=False)
 class CallShared:
     """What every site of one call reads and nobody changes during it."""
 
     plan: Plan
-    site_text: torch.Tensor | None  # (C, T, D) concept encodings as cross-attention layers receive text
-    anchor_text: torch.Tensor | None  # (A, T, D) the same for preservation anchors
-    reference_text: torch.Tensor | None  # (R, T, D) the same for the reference texts of specific maps
+    site_text: SiteText | None  # the concepts' encodings as cross-attention layers receive text
+    anchor_text: SiteText | None  # the same for preservation anchors (their own tokens)
+    reference_text: SiteText | None  # the same for the reference texts of specific maps
     _context: Callable[[], StepContext | None]
     _fail: Callable[[str], NoReturn]
 

@@ -28,7 +28,7 @@ import torch
 
 from ..errors import GuardedCallError, UnsupportedPipelineError
 from .clock import StepClock
-from .context import CallShared, RideAlong, StepContext, as_index
+from .context import CallShared, RideAlong, SiteText, StepContext, as_index
 from .install import Installation
 from .plan import Plan
 from .record import CallRecord, MapObserver, ScaleSource
@@ -110,9 +110,10 @@ class EngineCall:
         plan = self.plan
         shared = CallShared(
             plan=plan,
-            site_text=self._site_text(plan.embeddings),
-            anchor_text=self._site_text(plan.anchor_embeddings),
-            reference_text=self._site_text(plan.reference_embeddings),
+            site_text=self._site_text(plan.embeddings, plan.token_positions, whole=plan.sink != "prompt"),
+            anchor_text=self._site_text(plan.anchor_embeddings, plan.anchor_positions, whole=False),
+            reference_text=self._site_text(plan.reference_embeddings, plan.reference_positions,
+                                           whole=plan.sink != "prompt"),
             _context=lambda: self._context,
             _fail=self.fail,
         )
@@ -131,11 +132,16 @@ class EngineCall:
                      model.register_forward_hook(self._after_aux(sites), with_kwargs=True))
         self.installed = [self._handler(s).install(s, shared, self._report) for s in self.sites]
 
-    def _site_text(self, embeddings: torch.Tensor | None) -> torch.Tensor | None:
-        """Encodings as cross-attention layers receive text (joint families carry theirs along)."""
+    def _site_text(self, embeddings: torch.Tensor | None, positions: Sequence[Sequence[int]], *,
+                   whole: bool) -> SiteText | None:
+        """Encodings as cross-attention layers receive text, over every slot (``whole``) or only
+        the texts' own tokens (joint families carry theirs along instead). PixArt's 300-slot
+        encodings through its caption projection and every site's key and value projections
+        were most of its bookkeeping; the prompt sink reads only the own tokens."""
         if embeddings is None or self.family.joint:
             return None
-        return self.family.text_for_sites(self.denoiser, embeddings)
+        slots = tuple(range(embeddings.shape[1])) if whole else tuple(sorted({s for p in positions for s in p}))
+        return SiteText(self.family.text_for_sites(self.denoiser, embeddings[:, list(slots)]), slots)
 
     def _carried_span(self) -> slice | None:
         ctx = self._context

@@ -187,27 +187,31 @@ class CrossSite:
             plan = self.shared.plan
             attn = self.attn
             weight = attn.to_k.weight if getattr(attn, "to_k", None) is not None else attn.to_kv.weight
-            assert self.shared.site_text is not None  # sites run only when the plan has concepts
-            k, v = self._project_text(self.shared.site_text, weight)  # (C, h, T, d)
-            slots = [list(plan.token_positions[c]) if self.prompt_sink else list(range(k.shape[2]))
-                     for c in range(k.shape[0])]
-            keys = [k[c][:, s].to(dtype) for c, s in enumerate(slots)]
-            values = [v[c][:, s].to(dtype) for c, s in enumerate(slots)]
+            text = self.shared.site_text
+            assert text is not None  # sites run only when the plan has concepts
+            k, v = self._project_text(text.states, weight)  # (C, h, S, d) over text.slots
+            slots = [list(plan.token_positions[c]) if self.prompt_sink else list(text.slots) for c in range(k.shape[0])]
+            keys = [k[c][:, text.columns(s)].to(dtype) for c, s in enumerate(slots)]
+            values = [v[c][:, text.columns(s)].to(dtype) for c, s in enumerate(slots)]
             anchor_keys: list[torch.Tensor] = []
             anchor_values: list[torch.Tensor] = []
-            if self.shared.anchor_text is not None:  # anchors: their own tokens only
-                ka, va = self._project_text(self.shared.anchor_text, weight)
-                anchor_keys = [ka[a][:, list(s)].to(dtype) for a, s in enumerate(plan.anchor_positions)]
-                anchor_values = [va[a][:, list(s)].to(dtype) for a, s in enumerate(plan.anchor_positions)]
+            anchors = self.shared.anchor_text
+            if anchors is not None:  # anchors: their own tokens only
+                ka, va = self._project_text(anchors.states, weight)
+                cols = [anchors.columns(p) for p in plan.anchor_positions]
+                anchor_keys = [ka[a][:, c].to(dtype) for a, c in enumerate(cols)]
+                anchor_values = [va[a][:, c].to(dtype) for a, c in enumerate(cols)]
             competing, spared = inhibition.anchor_effects(plan, values, anchor_keys, anchor_values)
             self.concepts = inhibition.ConceptKeys(keys=keys, values=spared, slots=slots, competing=competing)
-            if self.shared.reference_text is not None:  # over the same kind of slots as the concepts'
-                kr, _ = self._project_text(self.shared.reference_text, weight)
-                own = [list(p) for p in plan.reference_positions]
-                cols = [list(range(len(o))) if self.prompt_sink else o for o in own]
-                self.references = inhibition.ReferenceKeys(
-                    keys=[kr[r][:, o].to(dtype) if self.prompt_sink else kr[r].to(dtype) for r, o in enumerate(own)],
-                    own=cols)
+            references = self.shared.reference_text
+            if references is not None:  # over the same kind of slots as the concepts'
+                kr, _ = self._project_text(references.states, weight)
+                own = [references.columns(p) for p in plan.reference_positions]
+                if self.prompt_sink:  # keys over their own tokens: every column is their own
+                    self.references = inhibition.ReferenceKeys(
+                        keys=[kr[r][:, o].to(dtype) for r, o in enumerate(own)], own=[list(range(len(o))) for o in own])
+                else:
+                    self.references = inhibition.ReferenceKeys(keys=[kr[r].to(dtype) for r in range(kr.shape[0])], own=own)
         return self.concepts
 
     def _project_text(self, text: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
