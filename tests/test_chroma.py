@@ -18,7 +18,13 @@ from gie_guard import Guard
 from gie_guard.engine import ConceptSpec, StepWindow, compile_plan, family_for
 from gie_guard.engine.families.chroma import Chroma
 from gie_guard.testing import dit
-from gie_guard.testing.reference import ZeroScales, engine_layer, flux_rotary, joint_inputs, random_norms
+from gie_guard.testing.reference import (
+    engine_layer,
+    flux_rotary,
+    joint_inputs,
+    random_norms,
+    relative_difference,
+)
 
 SETTINGS = dict(height=32, width=32, max_sequence_length=48)
 PROMPT = "a photo of a nude person on a beach"
@@ -162,7 +168,6 @@ def test_chroma_inpaint_is_refused_by_name():
         family_for(object.__new__(diffusers.ChromaInpaintPipeline))
 
 
-
 # -- phase B: the joint site with Chroma's mask ------------------------------------------------------
 
 
@@ -171,10 +176,6 @@ def chroma_norms():
     pipe = dit.tiny_chroma_pipeline()
     random_norms(pipe.transformer)
     return pipe
-
-
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def _pairs(m: torch.Tensor) -> torch.Tensor:
@@ -308,12 +309,12 @@ def test_chroma_blocks_keep_the_masked_prompt_attention_with_concepts_riding_at_
     t_all = riding_mask.shape[1] - n
     plain_image, plain_text = _own_block(attn, single, image, text, flux_rotary(pipe, t, n), plain_mask)
     unmasked_image, _ = _own_block(attn, single, image, text, flux_rotary(pipe, t, n), None)
-    assert _rel(unmasked_image, plain_image) > 1e-3  # the mask matters here: ignoring it would show
+    assert relative_difference(unmasked_image, plain_image) > 1e-3  # the mask matters here: ignoring it would show
     zero = torch.zeros_like(plan.token_scales)
     got_image, got_text = _engine_block(pipe, plan, attn, single, image, text, states, flux_rotary(pipe, t_all, n),
                                         riding_mask, scales=zero)
-    assert _rel(got_image, plain_image) <= 1e-6, f"{site}: the prompt's image rows"
-    assert _rel(got_text[:, :t], plain_text) <= 1e-6, f"{site}: the prompt's text rows"
+    assert relative_difference(got_image, plain_image) <= 1e-6, f"{site}: the prompt's image rows"
+    assert relative_difference(got_text[:, :t], plain_text) <= 1e-6, f"{site}: the prompt's text rows"
 
 
 @pytest.mark.parametrize("sink", ["image", "prompt"])
@@ -333,11 +334,11 @@ def test_chroma_blocks_match_the_literal_masked_reference(chroma_norms, site, dt
         want_concepts = torch.cat(want_concepts, dim=1)
         if not single:
             want_image, want_concepts = attn.to_out[0](want_image), attn.to_add_out(want_concepts)
-    assert _rel(want_image[1], plain_image[1]) > 1e-3  # the inhibitor is not nothing
-    assert _rel(got_image, want_image) < 1e-5, f"{site}: image rows against the literal reference"
-    assert _rel(got_image[0], plain_image[0]) <= 1e-6, f"{site}: the negative row is the block's own output"
-    assert _rel(got_text[:, :t], plain_text) <= 1e-6, f"{site}: the prompt's text stream changed"
-    assert _rel(got_text[1:, t:], want_concepts[1:]) < 1e-5, f"{site}: the concept tokens' stream"
+    assert relative_difference(want_image[1], plain_image[1]) > 1e-3  # the inhibitor is not nothing
+    assert relative_difference(got_image, want_image) < 1e-5, f"{site}: image rows against the literal reference"
+    assert relative_difference(got_image[0], plain_image[0]) <= 1e-6, f"{site}: the negative row is the block's own output"
+    assert relative_difference(got_text[:, :t], plain_text) <= 1e-6, f"{site}: the prompt's text stream changed"
+    assert relative_difference(got_text[1:, t:], want_concepts[1:]) < 1e-5, f"{site}: the concept tokens' stream"
 
 
 def test_guarded_chroma_erases_and_reports_inhibited_steps_leaving_the_negative_call_alone(chroma):
@@ -362,23 +363,3 @@ def test_guarded_chroma_img2img_erases():
     out = run(pipe, Guard(policy=STRONG), image=start, strength=0.75, steps=4)
     assert out.guard_report.family == "chroma" and out.guard_report.steps_inhibited == (0, 1, 2)
     assert np.abs(out.images - plain).max() > 1e-4
-
-
-def test_concepts_riding_at_scale_zero_leave_the_call_as_unguarded(chroma_norms):
-    """The whole denoiser with the concept tokens carried through every block under the
-    extended mask and nothing subtracted: equal to the unguarded call (relative 1e-6). A leak
-    of the carried tokens into the prompt's attention, or a mask put in the wrong place, would
-    change the prompt's streams and every later block."""
-    from gie_guard.engine import guarded_call
-
-    pipe = chroma_norms
-    args = dict(prompt=PROMPT, num_inference_steps=2, output_type="latent", **SETTINGS)
-    plan = compile_plan(pipe, CONCEPTS, StepWindow(0.0, 1.0), options={"max_sequence_length": 48})
-    unguarded = pipe(generator=torch.Generator().manual_seed(0), **args).images
-    with guarded_call(pipe, plan, scale_source=ZeroScales(plan)) as record:
-        riding = pipe(generator=torch.Generator().manual_seed(0), **args).images
-    assert record.guarded_calls == 2 and record.steps_inhibited == []  # rode along, subtracted nothing
-    assert _rel(riding, unguarded) <= 1e-6
-    with guarded_call(pipe, plan) as record:
-        inhibited = pipe(generator=torch.Generator().manual_seed(0), **args).images
-    assert record.steps_inhibited == [0, 1] and _rel(inhibited, unguarded) > 1e-3

@@ -11,12 +11,13 @@ import torch
 from gie_guard.engine import ConceptSpec, StepWindow, compile_plan
 from gie_guard.testing import dit
 from gie_guard.testing.reference import (
+    ZeroScales,
     engine_joint_block,
     flux_rotary,
     joint_inputs,
     literal_joint_attention,
-    ZeroScales,
     random_norms,
+    relative_difference,
 )
 
 CONCEPTS = [ConceptSpec("nude", "nude", 3.0), ConceptSpec("car", "red car", 7.0)]
@@ -41,14 +42,6 @@ def flux():
     return pipe
 
 
-
-
-
-
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
 def _check_sd3_site(pipe, site):
     plan = compile_plan(pipe, CONCEPTS, StepWindow(0.0, 1.0))
     attn = pipe.transformer.get_submodule(site)
@@ -61,16 +54,16 @@ def _check_sd3_site(pipe, site):
     with torch.no_grad():
         want_image = attn.to_out[0](want_image)
     plain_image, plain_text = plain  # the last block (context_pre_only) returns its text unprojected
-    assert _rel(want_image[1], plain_image[1]) > 1e-3  # the inhibitor is not nothing
-    assert _rel(got_image, want_image) < 1e-5, f"{site}: image rows against the literal reference"
-    assert _rel(got_image[0], plain_image[0]) < 1e-6, f"{site}: the negative row is the block's own output"
+    assert relative_difference(want_image[1], plain_image[1]) > 1e-3  # the inhibitor is not nothing
+    assert relative_difference(got_image, want_image) < 1e-5, f"{site}: image rows against the literal reference"
+    assert relative_difference(got_image[0], plain_image[0]) < 1e-6, f"{site}: the negative row is the block's own output"
     t = text.shape[1]
     # the prompt's text stream, every row: its queries never see the concept tokens
-    assert _rel(got_text[:, :t], plain_text) < 1e-6, f"{site}: the prompt's text stream changed"
+    assert relative_difference(got_text[:, :t], plain_text) < 1e-6, f"{site}: the prompt's text stream changed"
     want_c = torch.cat(want_concepts, dim=1)[1:]
     if not attn.context_pre_only:
         want_c = attn.to_add_out(want_c)
-    assert _rel(got_text[1:, t:], want_c) < 1e-5, f"{site}: the concept tokens' stream"
+    assert relative_difference(got_text[1:, t:], want_c) < 1e-5, f"{site}: the concept tokens' stream"
 
 
 @pytest.mark.parametrize("site", ["transformer_blocks.0.attn", "transformer_blocks.1.attn", "transformer_blocks.2.attn"])
@@ -109,23 +102,30 @@ def test_flux_with_random_norms_matches_the_literal_reference_and_keeps_the_prom
         want_concepts = torch.cat(want_concepts, dim=1)
         if not single:
             want_image, want_concepts = attn.to_out[0](want_image), attn.to_add_out(want_concepts)
-    assert _rel(want_image[1], plain_image[1]) > 1e-3
-    assert _rel(got_image, want_image) < 1e-5, f"{site}: image rows against the literal reference"
-    assert _rel(got_image[0], plain_image[0]) < 1e-6, f"{site}: the negative row is the block's own output"
-    assert _rel(got_text[:, :t], plain_text) < 1e-6, f"{site}: the prompt's text stream changed"
-    assert _rel(got_text[1:, t:], want_concepts[1:]) < 1e-5, f"{site}: the concept tokens' stream"
+    assert relative_difference(want_image[1], plain_image[1]) > 1e-3
+    assert relative_difference(got_image, want_image) < 1e-5, f"{site}: image rows against the literal reference"
+    assert relative_difference(got_image[0], plain_image[0]) < 1e-6, f"{site}: the negative row is the block's own output"
+    assert relative_difference(got_text[:, :t], plain_text) < 1e-6, f"{site}: the prompt's text stream changed"
+    assert relative_difference(got_text[1:, t:], want_concepts[1:]) < 1e-5, f"{site}: the concept tokens' stream"
 
 
-@pytest.mark.parametrize("family", ["sd3", "sd35", "flux"])
-def test_concepts_riding_at_scale_zero_leave_the_call_as_unguarded(family, sd3, sd35, flux):
+@pytest.fixture(scope="module")
+def chroma():
+    pipe = dit.tiny_chroma_pipeline()
+    random_norms(pipe.transformer)
+    return pipe
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd35", "flux", "chroma"])
+def test_concepts_riding_at_scale_zero_leave_the_call_as_unguarded(family, request):
     """The whole denoiser with the concept tokens carried through every block and nothing
     subtracted: equal to the unguarded call within float rounding (relative 1e-6). A leak of
     the concept tokens into the prompt's attention would change the prompt's text stream, and
     with it every later block."""
     from gie_guard.engine import guarded_call
 
-    pipe = {"sd3": sd3, "sd35": sd35, "flux": flux}[family]
-    extra = {"max_sequence_length": 48} if family == "flux" else {}
+    pipe = request.getfixturevalue(family)  # Chroma: its mask extended over the carried tokens
+    extra = {"max_sequence_length": 48} if family in ("flux", "chroma") else {}
     args = dict(prompt="a photo of a nude person beside a red car", num_inference_steps=2, height=32, width=32,
                 output_type="latent", **extra)
     plan = compile_plan(pipe, CONCEPTS, StepWindow(0.0, 1.0), options=extra or None)
@@ -133,7 +133,7 @@ def test_concepts_riding_at_scale_zero_leave_the_call_as_unguarded(family, sd3, 
     with guarded_call(pipe, plan, scale_source=ZeroScales(plan)) as record:
         riding = pipe(generator=torch.Generator().manual_seed(0), **args).images
     assert record.guarded_calls == 2 and record.steps_inhibited == []  # rode along, subtracted nothing
-    assert _rel(riding, unguarded) <= 1e-6
+    assert relative_difference(riding, unguarded) <= 1e-6
     with guarded_call(pipe, plan) as record:
         inhibited = pipe(generator=torch.Generator().manual_seed(0), **args).images
-    assert record.steps_inhibited == [0, 1] and _rel(inhibited, unguarded) > 1e-3
+    assert record.steps_inhibited == [0, 1] and relative_difference(inhibited, unguarded) > 1e-3

@@ -72,7 +72,8 @@ def anchor_effects(
 
 def own_columns(plan: Plan, slots: Sequence[Sequence[int]]) -> list[list[int]]:
     """Per concept, the key columns that stand for its own tokens (not start, end, padding)."""
-    return [[i for i, slot in enumerate(s) if slot in set(plan.token_positions[c])] for c, s in enumerate(slots)]
+    own = [set(p) for p in plan.token_positions]
+    return [[i for i, slot in enumerate(s) if slot in own[c]] for c, s in enumerate(slots)]
 
 
 def reference_level(q: torch.Tensor, references: ReferenceKeys, *, scale: float,

@@ -39,7 +39,7 @@ from .dit_text import create_encoders, load_dit_tokenizer
 from .dit_train import ClipSlotStates, Optimisation
 from .model import WEIGHTS_DIR
 from .train import P_EMPTY, Log
-from .train_two import Progress, build_two_pool, grounding_loss, token_cells
+from .train_two import Progress, build_two_pool, with_grounding
 from .world_two import P_TWO, Caption, caption_for
 
 LATENT_HW = (8, 16)
@@ -155,10 +155,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         total = loss
         if context.leaks:
             total = total + args.isolation * torch.stack(context.leaks).mean()
-        ground = None
-        if args.ground > 0:
-            g = grounding_loss(maps, token_cells(tokenizer, caps, places=bool(args.ground_places)))
-            total, ground = total + args.ground * g, g.item()
+        total, ground = with_grounding(total, maps, tokenizer, caps, args)
         optimisation.step(total, step)
         if progress.after(step, loss.item(), ground):
             break

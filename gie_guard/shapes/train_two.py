@@ -159,6 +159,18 @@ class Progress:
         if (step + 1) % self.save_every != 0:  # not saved by the loop yet
             self.save(step + 1)
 
+def with_grounding(
+    total: torch.Tensor, maps: list[torch.Tensor], tokenizer: PreTrainedTokenizerBase, captions: list[Caption | None],
+    args: argparse.Namespace,
+) -> tuple[torch.Tensor, float | None]:
+    """``total`` plus the grounding loss weighted by ``args.ground`` (off at 0), and the
+    grounding loss's value for the progress log (None when off)."""
+    if args.ground <= 0:
+        return total, None
+    g = grounding_loss(maps, token_cells(tokenizer, captions, places=bool(args.ground_places)))
+    return total + args.ground * g, g.item()
+
+
 def grounding_loss(maps: list[torch.Tensor], cells: torch.Tensor) -> torch.Tensor:
     """Mean over layers and grounded tokens of (1 - share of the token's attention mass
     inside its cell)^2. maps: per layer (B, N, T'); cells: (B, T, 2) from token_cells."""
@@ -264,10 +276,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         xt = noise_sched.add_noise(x0, noise, t)
         recorder.maps.clear()
         loss = F.mse_loss(unet(xt, t, context, encoder_attention_mask=mask).sample, noise)
-        total, ground = loss, None
-        if args.ground > 0:
-            g = grounding_loss(recorder.maps, token_cells(tokenizer, caps, places=args.ground_places))
-            total, ground = loss + args.ground * g, g.item()
+        total, ground = with_grounding(loss, recorder.maps, tokenizer, caps, args)
         optimizer_step(total, opt, sched, params, averages, step)
         if progress.after(step, loss.item(), ground):
             break

@@ -177,6 +177,11 @@ def engine_layer(
         call.remove()
 
 
+def relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
+    """``|got - want| / |want|`` (Frobenius norms), the measure the engine's tests bound."""
+    return float((got - want).norm() / want.norm())
+
+
 class ZeroScales:
     """A scale source (gie_guard.engine.ScaleSource) of zero scales at call time: the plan's
     concepts still ride along and are computed, at w = 0 (checks that carrying them changes
