@@ -37,7 +37,6 @@ __all__ = [
     "attend_with_lse",
     "concept_maps",
     "inhibitor",
-    "maps_without_anchors",
     "masked_lse",
     "mean_concept_map",
     "merge_partial_attention",
@@ -198,18 +197,6 @@ def concept_maps(
     if sink_lse is not None:
         total = torch.logaddexp(total, sink_lse.float())
     return torch.exp(logits - total[..., None])
-
-
-def maps_without_anchors(
-    q: torch.Tensor, keys: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor | None], maps: list[torch.Tensor],
-    *, scale: float, sink_lse: torch.Tensor | None = None,
-) -> list[torch.Tensor]:
-    """Each concept's map as if it had no competing anchors: ``maps[c]`` itself where concept c
-    has none, recomputed where it has. What adapters and presence gates measure must not
-    depend on the anchors (they are calibrated without them, and competing anchors shrink
-    every map alike)."""
-    return [m if a is None or not a.shape[-2] else concept_maps(q, k, scale=scale, sink_lse=sink_lse)
-            for k, a, m in zip(keys, anchors, maps)]
 
 
 def mean_concept_map(q: torch.Tensor, keys: torch.Tensor, *, scale: float, sink_lse: torch.Tensor | None = None) -> torch.Tensor:

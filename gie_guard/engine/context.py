@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, NoReturn
 
 import torch
@@ -18,7 +19,7 @@ import torch
 if TYPE_CHECKING:
     from .plan import Plan
 
-__all__ = ["CallShared", "RideAlong", "SiteText", "StepContext", "as_index", "to_plan_slots"]
+__all__ = ["CallShared", "RideAlong", "SiteText", "StepContext", "as_index"]
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,13 @@ class SiteText:
     states: torch.Tensor  # (C, S, D) over ``slots``
     slots: tuple[int, ...]  # the encoding slots the S columns stand for
 
+    @cached_property
+    def _column_of(self) -> dict[int, int]:
+        return {slot: i for i, slot in enumerate(self.slots)}
+
     def columns(self, wanted: Sequence[int]) -> list[int]:
         """The columns of encoding slots ``wanted``."""
-        at = {slot: i for i, slot in enumerate(self.slots)}
+        at = self._column_of
         return [at[s] for s in wanted]
 
 
@@ -99,16 +104,6 @@ class CallShared:
     @property
     def sink(self) -> str:
         return self.plan.sink
-
-
-def to_plan_slots(plan: Plan, values: Sequence[torch.Tensor], slots: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Per-concept ``(..., T_c)`` values over some slots -> ``(..., C, T)`` over the plan's slots (0 elsewhere)."""
-    assert plan.token_scales is not None
-    lead = values[0].shape[:-1] if values else ()
-    out = torch.zeros(*lead, *plan.token_scales.shape, dtype=torch.float32)
-    for c, (m, s) in enumerate(zip(values, slots)):
-        out[..., c, list(s)] = m.float().cpu()
-    return out
 
 
 def as_index(rows: Sequence[int]) -> slice | torch.Tensor:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from . import attention, inhibition
+from .concept_stack import ConceptKeys, own_columns, stack_concepts
 from .sites import Site, SiteOutcome, SiteState, processor_name
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ class CrossSite:
         self.query: torch.Tensor | None = None  # (B, N, inner) from to_q, until to_out[0] consumes it
         self.key: torch.Tensor | None = None  # (B, T, inner) the prompt's keys (prompt sink only)
         self.mask: torch.Tensor | None = None  # the prompt's attention mask as passed to the layer
-        self.concepts: inhibition.ConceptKeys | None = None  # static text: projected once per call
+        self.concepts: ConceptKeys | None = None  # static text: projected once per call
         self.references: inhibition.ReferenceKeys | None = None
         self._handles: list[Any] = []
 
@@ -151,7 +152,6 @@ class CrossSite:
         sink = self._prompt_lse(q, key, mask, rows, scale) if self.prompt_sink else None
         try:
             result = inhibition.act(q, concepts, ctx, self.shared.plan, scale=scale, sink_lse=sink,
-                                    slice_size=getattr(self.attn.processor, "slice_size", None),
                                     references=self.references)
         except ValueError as error:
             self.shared.fail(str(error))
@@ -179,49 +179,72 @@ class CrossSite:
         return attention.masked_lse(q, self._heads(key[rows], self.attn.norm_k), None if mask is None else mask[rows],
                                     scale=scale)
 
-    def _concepts(self, dtype: torch.dtype) -> inhibition.ConceptKeys:
-        """The concepts' keys and values at this layer. With the paper's own-softmax rule every
-        slot of the concept's encoding; with the prompt as the sink only its own tokens (the
-        columns eq. 8 inserts). The text is the same all call: projected once."""
+    def _concepts(self, dtype: torch.dtype) -> ConceptKeys:
+        """The concepts' keys and values at this layer. With the paper's own-softmax rule keys
+        over every slot of the concept's encoding; with the prompt as the sink only its own
+        tokens (the columns eq. 8 inserts); values only at own tokens (the only slots with a
+        scale). The text is the same all call: projected once."""
         if self.concepts is None:
             plan = self.shared.plan
-            attn = self.attn
-            weight = attn.to_k.weight if getattr(attn, "to_k", None) is not None else attn.to_kv.weight
             text = self.shared.site_text
             assert text is not None  # sites run only when the plan has concepts
-            k, v = self._project_text(text.states, weight)  # (C, h, S, d) over text.slots
-            slots = [list(plan.token_positions[c]) if self.prompt_sink else list(text.slots) for c in range(k.shape[0])]
-            keys = [k[c][:, text.columns(s)].to(dtype) for c, s in enumerate(slots)]
-            values = [v[c][:, text.columns(s)].to(dtype) for c, s in enumerate(slots)]
+            normed = self._normed(text.states)
+            k = self._heads(self._keys(normed), self.attn.norm_k)  # (C, h, S, d) over text.slots
+            if self.prompt_sink:
+                slots = [list(p) for p in plan.token_positions]
+                keys = [k[c][:, text.columns(s)].to(dtype) for c, s in enumerate(slots)]
+            else:  # every concept over every slot: one shared list (own_columns looks it up once)
+                slots = [list(text.slots)] * k.shape[0]
+                keys = list(k.to(dtype).unbind(0))
+            own = [text.columns([s[i] for i in cols]) for s, cols in zip(slots, own_columns(plan, slots))]
+            values = self._own_values(normed, own, dtype)
             anchor_keys: list[torch.Tensor] = []
             anchor_values: list[torch.Tensor] = []
             anchors = self.shared.anchor_text
             if anchors is not None:  # anchors: their own tokens only
-                ka, va = self._project_text(anchors.states, weight)
-                cols = [anchors.columns(p) for p in plan.anchor_positions]
-                anchor_keys = [ka[a][:, c].to(dtype) for a, c in enumerate(cols)]
-                anchor_values = [va[a][:, c].to(dtype) for a, c in enumerate(cols)]
+                normed_a = self._normed(anchors.states)
+                cols_a = [anchors.columns(p) for p in plan.anchor_positions]
+                anchor_keys = [self._heads(self._keys(normed_a[a, c][None]), self.attn.norm_k)[0].to(dtype)
+                               for a, c in enumerate(cols_a)]
+                anchor_values = self._own_values(normed_a, cols_a, dtype)
             competing, spared = inhibition.anchor_effects(plan, values, anchor_keys, anchor_values)
-            self.concepts = inhibition.ConceptKeys(keys=keys, values=spared, slots=slots, competing=competing)
+            self.concepts = stack_concepts(plan, keys, spared, slots, competing)
             references = self.shared.reference_text
             if references is not None:  # over the same kind of slots as the concepts'
-                kr, _ = self._project_text(references.states, weight)
-                own = [references.columns(p) for p in plan.reference_positions]
+                kr = self._heads(self._keys(self._normed(references.states)), self.attn.norm_k)
+                own_r = [references.columns(p) for p in plan.reference_positions]
                 if self.prompt_sink:  # keys over their own tokens: every column is their own
                     self.references = inhibition.ReferenceKeys(
-                        keys=[kr[r][:, o].to(dtype) for r, o in enumerate(own)], own=[list(range(len(o))) for o in own])
+                        keys=[kr[r][:, o].to(dtype) for r, o in enumerate(own_r)], own=[list(range(len(o))) for o in own_r])
                 else:
-                    self.references = inhibition.ReferenceKeys(keys=[kr[r].to(dtype) for r in range(kr.shape[0])], own=own)
+                    self.references = inhibition.ReferenceKeys(keys=[kr[r].to(dtype) for r in range(kr.shape[0])],
+                                                               own=own_r)
         return self.concepts
 
-    def _project_text(self, text: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(C, T, D) text -> keys and values (C, h, T, d) as this layer projects text."""
-        attn = self.attn
+    def _normed(self, text: torch.Tensor) -> torch.Tensor:
+        """(C, T, D) text as this layer's projections receive it (its cross norm, if any, sees
+        the whole text: a group norm is not per token)."""
+        weight = self.attn.to_k.weight if getattr(self.attn, "to_k", None) is not None else self.attn.to_kv.weight
         text = text.to(device=weight.device, dtype=weight.dtype)
-        if getattr(attn, "norm_cross", None):
-            text = attn.norm_encoder_hidden_states(text)
+        return self.attn.norm_encoder_hidden_states(text) if getattr(self.attn, "norm_cross", None) else text
+
+    def _keys(self, text: torch.Tensor) -> torch.Tensor:
+        """(..., T, D) normed text -> (..., T, inner) keys, before the layer's key norm."""
+        attn = self.attn
         if getattr(attn, "to_k", None) is not None:
-            k, v = attn.to_k(text), attn.to_v(text)
-        else:  # fused projections only
-            k, v = attn.to_kv(text).chunk(2, dim=-1)
-        return self._heads(k, attn.norm_k), self._heads(v, None)
+            return attn.to_k(text)  # type: ignore[no-any-return]
+        return attn.to_kv(text).chunk(2, dim=-1)[0]  # type: ignore[no-any-return]  # fused projections only
+
+    def _values(self, text: torch.Tensor) -> torch.Tensor:
+        """(..., T, D) normed text -> (..., h, T, d) values."""
+        attn = self.attn
+        v = attn.to_v(text) if getattr(attn, "to_v", None) is not None else attn.to_kv(text).chunk(2, dim=-1)[1]
+        return self._heads(v if v.ndim == 3 else v[None], None)
+
+    def _own_values(self, normed: torch.Tensor, own: list[list[int]], dtype: torch.dtype) -> list[torch.Tensor]:
+        """Per concept the values of its own columns ``own[c]`` of ``normed`` (C, S, D):
+        ``(h, n_c, d)``, projected in one product."""
+        width = max(1, max(len(cols) for cols in own))
+        index = torch.tensor([cols + [0] * (width - len(cols)) for cols in own], device=normed.device)  # (C, n)
+        v = self._values(normed[torch.arange(len(own), device=normed.device)[:, None], index])  # (C, h, n, d)
+        return [v[c, :, : len(cols)].to(dtype) for c, cols in enumerate(own)]

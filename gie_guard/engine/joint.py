@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import attention, inhibition
+from .concept_stack import own_columns, stack_concepts
 from .sites import Site, SiteOutcome, SiteState, processor_name
 
 if TYPE_CHECKING:
@@ -91,6 +92,22 @@ def _as_bias(mask: torch.Tensor) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
     return mask.float()
+
+
+def _carried_mask(model: torch.Tensor | None, ride: RideAlong, n_img: int, device: torch.device) -> torch.Tensor:
+    """What the carried tokens' queries may see among ``[image; every carried token]``: every
+    image token and the tokens of their own text (``(T_all, N + T_all)``, True sees), under the
+    block's own mask where it has one (``model``: its part for those queries and keys)."""
+    span = torch.repeat_interleave(torch.arange(len(ride.spans)),
+                                   torch.tensor([hi - lo for lo, hi in ride.spans]))  # (T_all,)
+    own = span[:, None] == span[None, :]
+    block = torch.cat([torch.ones(len(span), n_img, dtype=torch.bool), own], dim=1)
+    block = block.to(device)
+    if model is None:
+        return block
+    if model.dtype == torch.bool:
+        return model & block
+    return model.masked_fill(~block, float("-inf"))
 
 
 class JointHandler:
@@ -273,19 +290,21 @@ class JointInhibitorProcessor:
         q_p, k_p, v_p = (t.index_select(2, prompt) for t in (q, k, v))
         o_p = self._dispatch(q_p, k_p, v_p, _part(mask, every, prompt, prompt))
 
-        # 2. the concept tokens of the rows that carry the prompt, over [image; own tokens]
+        # 2. the carried tokens of the rows that carry the prompt, each over [image; its own text's
+        # tokens]: one attention over [image; every carried token] with a block mask
         rows = ctx.rows
         o_con = q.new_zeros(q.shape[0], q.shape[1], ride.concept_length, q.shape[3])
         k_img_r, v_img_r = k[rows].index_select(2, img), v[rows].index_select(2, img)
-        carried = []
-        for lo, hi in ride.spans:
-            span = torch.arange(carried_at + lo, carried_at + hi, device=device)
-            kc, vc = k[rows].index_select(2, span), v[rows].index_select(2, span)
-            o_con[rows, :, lo:hi] = attention.attend(
-                q[rows].index_select(2, span), torch.cat([k_img_r, kc], dim=2), torch.cat([v_img_r, vc], dim=2),
-                scale=scale, mask=_part(mask, rows, span, torch.cat([img, span])),
+        carried_all = torch.arange(carried_at, carried_at + ride.concept_length, device=device)
+        kc_all, vc_all = k[rows].index_select(2, carried_all), v[rows].index_select(2, carried_all)
+        if ride.concept_length:
+            o_con[rows] = attention.attend(
+                q[rows].index_select(2, carried_all), torch.cat([k_img_r, kc_all], dim=2),
+                torch.cat([v_img_r, vc_all], dim=2), scale=scale,
+                mask=_carried_mask(_part(mask, rows, carried_all, torch.cat([img, carried_all])), ride, n_img,
+                                   device),
             )
-            carried.append((kc, vc))
+        carried = [(kc_all[:, :, lo:hi], vc_all[:, :, lo:hi]) for lo, hi in ride.spans]
 
         # 3. measure / observe / inhibit on the image queries of those rows
         plan = self.shared.plan
@@ -304,11 +323,12 @@ class JointInhibitorProcessor:
         n_c, n_a = len(slots), len(plan.anchor_ride_along)
         per_concept, per_anchor, per_reference = carried[:n_c], carried[n_c:n_c + n_a], carried[n_c + n_a:]
         own = [_own(c, p) for c, p in zip(plan.anchor_ride_along, plan.anchor_positions)]
+        own_c = own_columns(plan, slots)
         competing, spared = inhibition.anchor_effects(
-            plan, [vc for _, vc in per_concept], [ka[:, :, cols] for (ka, _), cols in zip(per_anchor, own)],
+            plan, [vc[:, :, cols] for (_, vc), cols in zip(per_concept, own_c)],
+            [ka[:, :, cols] for (ka, _), cols in zip(per_anchor, own)],
             [va[:, :, cols] for (_, va), cols in zip(per_anchor, own)])
-        concepts = inhibition.ConceptKeys(keys=[kc for kc, _ in per_concept], values=spared, slots=slots,
-                                          competing=competing)
+        concepts = stack_concepts(plan, [kc for kc, _ in per_concept], spared, slots, competing)
         references = gates = None
         if per_reference:
             own_r = [_own(c, p) for c, p in zip(plan.reference_ride_along, plan.reference_positions)]
