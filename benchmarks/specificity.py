@@ -106,6 +106,7 @@ class Method:
     guard_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     policy_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     anchors: str | None = None
+    references: str | None = None  # "siblings": the target's siblings; "siblings-but-last": all but the last
     baseline: str | None = None
 
 
@@ -129,6 +130,11 @@ METHODS: dict[str, Method] = {
                      backbones=("dit",), guard_options={"concept_map": "output"}),
     "calibrated-project": Method("concept_map calibrated, the target's siblings as anchors, preserve_by project",
                                  guard_options={"concept_map": "calibrated"}, anchors="project"),
+    "contrast": Method("GIE (default sink), concept_map contrast: relu(M_c - max_r M_r), the target's siblings as "
+                       "references", guard_options={"concept_map": "contrast"}, references="siblings"),
+    "contrast-held-out": Method("concept_map contrast, references: the target's siblings but the last, which is "
+                                "measured unnamed", guard_options={"concept_map": "contrast"},
+                                references="siblings-but-last"),
     "negative-prompt": Method("unguarded pipeline, the target as negative prompt", baseline="negative-prompt"),
     "sld": Method("Safe Latent Diffusion (medium), the target as safety concept", backbones=("unet",),
                   baseline="sld"),
@@ -190,10 +196,14 @@ class Runner:
         if method.anchors:
             concept["preserve"] = list(S.siblings(target))
             policy["preserve_by"] = method.anchors
-        guard = Guard(policy=policy, metrics=self.metrics, exclusive=False, **method.guard_options)
+        options: dict[str, Any] = dict(method.guard_options)
+        if method.references:
+            siblings = list(S.siblings(target))
+            options["references"] = siblings[:-1] if method.references == "siblings-but-last" else siblings
+        guard = Guard(policy=policy, metrics=self.metrics, exclusive=False, **options)
         # the row's run name holds the sink the plan resolved to, so `default` and the explicit
         # row of the same sink share their images instead of generating them twice
-        options = {**method.guard_options, "sink": guard.plan_for(self.pipe).sink}
+        options["sink"] = guard.plan_for(self.pipe).sink
         run = "gie:" + json.dumps({"policy": policy, "options": options}, sort_keys=True)
         return run, lambda **kw: guard(self.pipe, **kw), {}
 

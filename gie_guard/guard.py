@@ -88,9 +88,9 @@ class Guard:
     ``"probe"`` or ``"reuse"``. ``sink`` overrides what competes with a concept in its
     attention map, ``text_states`` and ``carry`` how a joint-attention family carries the
     concept's tokens (docs/families.md; the defaults are the measured choices).
-    ``concept_map`` (``auto``, ``gie``, ``calibrated``, ``gated``, ``output``) chooses how
-    specific a concept's inhibition is, against ``references`` (default: a few neutral words;
-    docs/precision.md). ``preserve``
+    ``concept_map`` (``auto``, ``gie``, ``calibrated``, ``gated``, ``output``, ``contrast``)
+    chooses how specific a concept's inhibition is, against ``references`` (default: a few
+    neutral words; for ``contrast``, the neighbours to spare; docs/precision.md). ``preserve``
     (``auto``, ``compete``, ``project``, ``both``) and ``controlnet`` (``inhibit``, ``skip``) override the
     policy's ``preserve_by`` and ``controlnet`` keys (docs/policies.md) when given.
 

@@ -48,7 +48,7 @@ def _literal(q, plan, slots, keys, values, competing, scales, *, sink, level, ga
     for c, (k, v, s) in enumerate(zip(keys, values, slots)):
         m = concept_maps(q, k, scale=SCALE, sink_lse=sink, anchor_keys=competing[c])  # (B, h, N, T_c)
         own = [i for i, slot in enumerate(s) if slot in plan.token_positions[c]]
-        if plan.concept_map == "calibrated":
+        if plan.concept_map in ("calibrated", "contrast"):
             m = torch.relu(m - level[..., None])
         elif plan.concept_map == "gated":
             m = m * (m[..., own].mean(-1).mean(1) > level.mean(1)).float()[:, None, :, None]
@@ -60,7 +60,7 @@ def _literal(q, plan, slots, keys, values, competing, scales, *, sink, level, ga
     return total
 
 
-@pytest.mark.parametrize("rule", ["gie", "calibrated", "gated", "output"])
+@pytest.mark.parametrize("rule", ["gie", "calibrated", "gated", "output", "contrast"])
 @pytest.mark.parametrize("per_row", [False, True], ids=["shared-keys", "per-row-keys"])
 @pytest.mark.parametrize("sinked", [False, True], ids=["own-softmax", "sink"])
 @pytest.mark.parametrize("padded", [False, True], ids=["equal-lengths", "padded"])
@@ -72,8 +72,9 @@ def test_stacked_inhibitor_equals_the_literal_loop(rule, per_row, sinked, padded
     sink = torch.randn(B, H, N, generator=g) + 2.0 if sinked else None
     ref_keys = [torch.randn(H, 4, D, generator=g), torch.randn(H, 3, D, generator=g)]
     references = ReferenceKeys(keys=ref_keys, own=[[1, 2], [0]])
-    level = torch.stack([concept_maps(q, k, scale=SCALE, sink_lse=sink)[..., o].mean(-1)
-                         for k, o in zip(ref_keys, references.own)]).mean(0)
+    levels = torch.stack([concept_maps(q, k, scale=SCALE, sink_lse=sink)[..., o].mean(-1)
+                          for k, o in zip(ref_keys, references.own)])
+    level = levels.amax(0) if rule == "contrast" else levels.mean(0)  # the strongest reference, or their mean
     gates = [torch.rand(B, N, generator=g) > 0.4 for _ in positions]
     own = own_columns(plan, slots)
     stacked = stack_concepts(plan, keys, [v[..., cols, :] for v, cols in zip(values, own)], slots, competing)

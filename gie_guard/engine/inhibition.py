@@ -150,8 +150,8 @@ def act(
     rule = plan.concept_map
     w = own_scales(ctx.scales_for(b), concepts) if inhibit else None  # (C, n) or (B, C, n)
     refs = None  # what a word that names nothing in particular gets (calibrated and gated maps)
-    if inhibit and rule in ("calibrated", "gated"):
-        assert references is not None, "calibrated and gated maps need references"
+    if inhibit and rule in ("calibrated", "gated", "contrast"):
+        assert references is not None, "calibrated, gated and contrast maps need references"
         refs = stack_references(references.keys, references.own)
     if inhibit and rule == "output":
         assert gates is not None, "output maps need each concept's gate from the site"
@@ -166,8 +166,9 @@ def act(
         qs = qf[:, :, lo : lo + rows_of_queries]  # (B, h, n_q, d)
         sink = None if sink_lse is None else sink_lse[:, :, lo : lo + rows_of_queries].float()
         level = None
-        if refs is not None:  # the references' mean per-own-token map, each in its own softmax: (B, h, n_q)
-            level = (_own_maps(qs, refs, scale=scale, sink=sink).sum(-1) / refs.own_valid.sum(-1)).mean(-1)
+        if refs is not None:  # each reference's mean per-own-token map in its own softmax: (B, h, n_q, R)
+            each = _own_maps(qs, refs, scale=scale, sink=sink).sum(-1) / refs.own_valid.sum(-1)
+            level = each.amax(-1) if rule == "contrast" else each.mean(-1)  # (B, h, n_q)
         for first, part in zip(range(0, concepts.count, size), concepts.chunks(size)):
             c = slice(first, first + part.count)
             m = _own_maps(qs, part, scale=scale, sink=sink, sums=None if sums is None else sums[:, c])
@@ -177,7 +178,7 @@ def act(
             if not inhibit:
                 continue
             assert w is not None and total is not None
-            if rule == "calibrated":
+            if rule in ("calibrated", "contrast"):
                 assert level is not None
                 m = torch.relu(m - level[..., None, None])
             elif rule == "gated":

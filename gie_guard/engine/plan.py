@@ -48,9 +48,11 @@ SINKS = {"cross": ("own", "prompt"), "joint": ("image", "prompt")}
 # nothing), "gated" (M_c, only at the image positions where the concept's mean per-token share
 # exceeds the references', heads averaged: a localized gate), "output" (joint families: M_c,
 # only at the image positions whose attention output is nearer, by dot product, the concept
-# tokens' output than every reference's, after ConceptAttention)
-ConceptMap = Literal["gie", "calibrated", "gated", "output"]
-MAPS = ("gie", "calibrated", "gated", "output")
+# tokens' output than every reference's, after ConceptAttention), "contrast" (relu(M_c -
+# max_r M_r): only the excess over the strongest reference, for references that are the
+# neighbours a concept must spare, e.g. its siblings)
+ConceptMap = Literal["gie", "calibrated", "gated", "output", "contrast"]
+MAPS = ("gie", "calibrated", "gated", "output", "contrast")
 # The reference texts of calibrated, gated and output maps: common words that name no
 # particular thing, so what they attract is what any word attracts.
 DEFAULT_REFERENCES = ("thing", "object", "picture")
