@@ -2,16 +2,18 @@
 nothing else? (docs/precision.md, "Specificity on the two-cell world"; issue 21, item 4)
 
 Every measure compares the guarded image with the unguarded image of the same prompt and seed,
-each judged cell by cell by the shipped detector (detector.detect_cells). Prompts never name
-places: the two-cell models put a thing at a named place only about half the time, while
-place-less prompts are drawn well (docs/shapes.md).
+each judged cell by cell by the shipped detector (detector.detect_cells). Prompts name no
+places, except the pairs with ``--pairs placed``: the two-cell UNet puts a thing at a named
+place only about half the time, the two-cell transformer (3,000 steps) binds named places
+(both things wholly right 0.78) better than place-less pairs (0.26; docs/shapes.md).
 
 - target_removal: the target prompted alone ("a blue striped disk"), by its canonical word, its
   training synonyms and its held-out synonyms (world.py's tables; the row says which); among
   the seeds whose unguarded image shows the target attribute (the count is reported), the
   share whose guarded image shows it in neither cell. Bar: >= 0.95.
-- other_kept: two things, no places, one with the target and one with the other attribute
-  ("a red circle and a blue square", order drawn per seed); among the seeds whose unguarded
+- other_kept: two things, one with the target and one with the other attribute ("a red
+  circle and a blue square", order drawn per seed; with ``--pairs placed`` "a red circle on the
+  left and a blue square on the right", places drawn per seed); among the seeds whose unguarded
   image shows the other attribute in some cell, the share whose guarded image holds exactly
   the same attributes (shape, colour, style) in that cell. Bar: >= 0.90.
 - null_kept: the meaningless concept 'zqxv' in place of the target, by the same method at the
@@ -249,12 +251,13 @@ class Prompts:
     target: S.Words
     other: str
     sibling_words: tuple[str, ...]
+    placed: bool = False  # pair prompts name each thing's place
 
     def target_alone(self, word: str) -> list[str]:
         return [S.single_prompt(word, self.target.attribute, s) for s in self.seeds]
 
     def pair(self) -> list[str]:
-        return [S.pair_prompt(self.target.attribute, self.other, s) for s in self.seeds]
+        return [S.pair_prompt(self.target.attribute, self.other, s, placed=self.placed) for s in self.seeds]
 
     def pair_others(self) -> list[dict[str, str]]:
         return [S.pair_things(self.target.attribute, self.other, s)[1] for s in self.seeds]
@@ -384,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"a row to run (repeat for several; default: all): {', '.join(METHODS)}")
     parser.add_argument("--scale", type=float, default=None, help="GIE scale (default: the erasure benchmark's, SCALES)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest on a shared 2-core machine)")
+    parser.add_argument("--pairs", choices=("place-less", "placed"), default="place-less",
+                        help="two-thing prompts without places (default) or with each thing's place named")
     parser.add_argument("--smoke", action="store_true",
                         help="2 seeds, 4 steps, the canonical word only, one sibling, methods default and "
                              "negative-prompt: seconds (tests)")
@@ -417,14 +422,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
     runner = Runner(args.backbone, steps)
-    prompts = Prompts(seeds, words, args.other, tuple(sibling_words))
+    prompts = Prompts(seeds, words, args.other, tuple(sibling_words), placed=args.pairs == "placed")
     rows: list[dict[str, Any]] = []
     for name in dict.fromkeys(methods):
         method = METHODS[name]
         row: dict[str, Any] = dict(method=name, backbone=args.backbone, target=args.target, other=args.other,
                                    n=len(seeds), summary=method.summary, scale=None if method.baseline else scale,
                                    window=None if method.baseline else list(WINDOW), target_words=dataclasses.asdict(words),
-                                   sibling_words=list(sibling_words))
+                                   sibling_words=list(sibling_words), pairs=args.pairs)
         if args.backbone not in method.backbones:
             why = ("Safe Latent Diffusion exists in diffusers for Stable Diffusion 1.x pipelines only "
                    "(StableDiffusionPipelineSafe); the transformer model is an SD3 pipeline"
@@ -456,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(words.held_out) or 'none'}. Siblings: {', '.join(sibling_words)}. Null concept: {NULL_CONCEPT!r}.",
         "",
         "target removal = share of target-alone images where the target is no longer detected in either cell "
-        "(n = seeds whose unguarded image shows it); other kept = share of two-thing place-less images whose "
+        f"(n = seeds whose unguarded image shows it); other kept = share of two-thing {args.pairs} images whose "
         "other thing keeps its cell and its shape, colour and style (n = seeds whose unguarded image shows the "
         "other); null kept = share of images (one or two random things) unchanged in every cell with "
         f"{NULL_CONCEPT!r} erased the same way; sibling removal = the largest removal over the siblings prompted "

@@ -124,5 +124,11 @@ def test_all_kept_and_prompts() -> None:
         assert a["colour"] == "red" and b["colour"] == "blue"
         text = S.pair_prompt("circle", "square", seed)
         assert " and " in text and "circle" in text and "square" in text and "left" not in text
+        placed = S.pair_prompt("circle", "square", seed, placed=True)
+        first, second = placed.split(" and ")
+        assert placed.startswith(text.split(" and ")[0] + " on the ")  # the same things, in the same order
+        assert {first.rsplit(" ", 1)[1], second.rsplit(" ", 1)[1]} == {"left", "right"}
+    sides = {S.pair_prompt("circle", "square", seed, placed=True).split(" on the ")[1][:4] for seed in range(20)}
+    assert sides == {"left", "righ"}  # the first-named thing goes either way across seeds
     with pytest.raises(ValueError):
         S.kind_of("table")

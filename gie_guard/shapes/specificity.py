@@ -92,12 +92,17 @@ def pair_things(target: str, other: str, seed: int) -> tuple[dict[str, str], dic
     return (_thing(rng, {kind_of(target): target}, {other}), _thing(rng, {kind_of(other): other}, {target}))
 
 
-def pair_prompt(target: str, other: str, seed: int) -> str:
+def pair_prompt(target: str, other: str, seed: int, *, placed: bool = False) -> str:
     """ "a red circle and a blue square", no places; the order drawn from the seed, since the
-    two-cell models learned place-less pairs in random order (world_two.py)."""
+    two-cell models learned place-less pairs in random order (world_two.py). ``placed``: "a red
+    circle on the left and a blue square on the right", which thing goes left and which is
+    named first drawn from the seed too."""
     a, b = pair_things(target, other, seed)
     first, second = (a, b) if np.random.default_rng([3, seed]).random() < 0.5 else (b, a)
-    return f"{phrase(first)} and {phrase(second)}"
+    if not placed:
+        return f"{phrase(first)} and {phrase(second)}"
+    places = ("left", "right") if np.random.default_rng([5, seed]).random() < 0.5 else ("right", "left")
+    return f"{phrase(first)} on the {places[0]} and {phrase(second)} on the {places[1]}"
 
 
 def various_prompt(seed: int) -> str:
