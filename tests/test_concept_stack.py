@@ -92,6 +92,12 @@ def test_stacked_inhibitor_equals_the_literal_loop(rule, per_row, sinked, padded
             with_anchors = concept_maps(q, k, scale=SCALE, sink_lse=sink, anchor_keys=competing[c])
             cols = [i for i, slot in enumerate(s) if slot in positions[c]]
             assert torch.allclose(got.maps[c], with_anchors[..., cols].sum(-1), atol=1e-6)
+    if not padded:  # keys handed over already stacked are kept as they are, with the same result
+        given = torch.stack(keys)
+        again = stack_concepts(plan, given, [v[..., cols, :] for v, cols in zip(values, own)], slots, competing)
+        assert again.keys is given
+        redo = act(q, again, ctx, plan, scale=SCALE, sink_lse=sink, references=references, gates=gates)
+        assert redo.delta is not None and torch.equal(redo.delta, got.delta)
 
 
 def test_a_scale_outside_a_concepts_own_tokens_fails():

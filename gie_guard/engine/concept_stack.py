@@ -89,13 +89,14 @@ def _valid(lengths: Sequence[int], length: int, device: torch.device) -> torch.T
 
 
 def stack_concepts(
-    plan: Plan, keys: Sequence[torch.Tensor], own_values: Sequence[torch.Tensor], slots: Sequence[Sequence[int]],
-    competing: Sequence[torch.Tensor | None],
+    plan: Plan, keys: Sequence[torch.Tensor] | torch.Tensor, own_values: Sequence[torch.Tensor],
+    slots: Sequence[Sequence[int]], competing: Sequence[torch.Tensor | None],
 ) -> ConceptKeys:
     """Stack per-concept keys ``(..., h, T_c, d)`` (the same leading shape for all: shared
-    ``(h, ...)`` or per row ``(B, h, ...)``), whose columns stand for plan ``slots``, the values
-    at the concept's own columns ``(..., h, n_c, d)`` (in :func:`own_columns`' order), and each
-    concept's competing anchor keys (None: none)."""
+    ``(h, ...)`` or per row ``(B, h, ...)``; or already one tensor ``(C, ..., T, d)`` when
+    every concept has T columns, kept as it is), whose columns stand for plan ``slots``, the
+    values at the concept's own columns ``(..., h, n_c, d)`` (in :func:`own_columns`' order),
+    and each concept's competing anchor keys (None: none)."""
     own = own_columns(plan, slots)
     if [v.shape[-2] for v in own_values] != [len(o) for o in own]:
         raise ValueError("values must be given at each concept's own columns")
@@ -110,11 +111,11 @@ def stack_references(keys: Sequence[torch.Tensor], own: Sequence[Sequence[int]])
 
 
 def _stack(
-    keys: Sequence[torch.Tensor], own: list[list[int]], own_values: Sequence[torch.Tensor],
+    keys: Sequence[torch.Tensor] | torch.Tensor, own: list[list[int]], own_values: Sequence[torch.Tensor],
     slots: Sequence[Sequence[int]], competing: Sequence[torch.Tensor | None],
 ) -> ConceptKeys:
     device = keys[0].device
-    lengths = [k.shape[-2] for k in keys]
+    lengths = [int(k.shape[-2]) for k in keys]
     t = max(lengths)
     n = max(1, max(len(o) for o in own))
     own_index = torch.tensor([cols + [0] * (n - len(cols)) for cols in own], dtype=torch.long)
@@ -129,7 +130,7 @@ def _stack(
         widths = [a.shape[-2] for a in rivals]
         anchors, anchors_valid = _pad_stack(rivals, max(widths)), _valid(widths, max(widths), device)
     return ConceptKeys(
-        keys=_pad_stack(keys, t),
+        keys=keys if isinstance(keys, torch.Tensor) else _pad_stack(keys, t),  # a tensor: no copy of C x T keys
         key_valid=None if min(lengths) == t else _valid(lengths, t, device),
         own=own_index.to(device),
         own_valid=_valid([len(o) for o in own], n, device),

@@ -190,12 +190,13 @@ class CrossSite:
             assert text is not None  # sites run only when the plan has concepts
             normed = self._normed(text.states)
             k = self._heads(self._keys(normed), self.attn.norm_k)  # (C, h, S, d) over text.slots
+            keys: list[torch.Tensor] | torch.Tensor
             if self.prompt_sink:
                 slots = [list(p) for p in plan.token_positions]
                 keys = [k[c][:, text.columns(s)].to(dtype) for c, s in enumerate(slots)]
             else:  # every concept over every slot: one shared list (own_columns looks it up once)
                 slots = [list(text.slots)] * k.shape[0]
-                keys = list(k.to(dtype).unbind(0))
+                keys = k.to(dtype)
             own = [text.columns([s[i] for i in cols]) for s, cols in zip(slots, own_columns(plan, slots))]
             values = self._own_values(normed, own, dtype)
             anchor_keys: list[torch.Tensor] = []
