@@ -176,8 +176,12 @@ def load_pipeline(
     unet = new_unet(tuple(meta["sample_size"]) if "sample_size" in meta else LATENT_SIZE)
     unet.load_state_dict({k: v.float() for k, v in load_file(wdir / "unet.safetensors").items()})
     tokenizer = load_tokenizer()
-    text_encoder = SinkTextEncoder.create(tokenizer, pad_mode=meta.get("pad_mode", "zero"))
-    text_encoder.sink.data.copy_(load_file(wdir / "sink.safetensors")["sink"].float())
+    # a run trained with train_two.py --mix-layers N records N; its mixer is in sink.safetensors
+    text_encoder = SinkTextEncoder.create(tokenizer, pad_mode=meta.get("pad_mode", "zero"),
+                                          mix_layers=int(meta.get("mix_layers", 0)))
+    sink_file = load_file(wdir / "sink.safetensors")
+    text_encoder.sink.data.copy_(sink_file["sink"].float())
+    text_encoder.load_mixer_state(sink_file)
     text_encoder.eval()  # type: ignore[no-untyped-call]  # unannotated in transformers
     pipe = assemble_pipeline(vae.eval(), unet.eval(), text_encoder, tokenizer)
     return pipe.to(device)

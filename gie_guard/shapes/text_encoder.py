@@ -14,6 +14,14 @@ package, never copied into gie_guard.
 default, the shipped model: a free no-op, zero key and zero value) or "sink" (copies of
 the sink vector, as in Stable Diffusion, where pads are not free no-ops: the only place
 to park attention is then the sink, used by the sink-pads variant, docs/shapes.md).
+
+`SinkTextConfig.mix_layers` (default 0: none, the shipped models) adds that many trainable
+context-mixing layers (:class:`ContextMixer`) on top of the frozen MiniLM states, before
+they are assembled: MiniLM's states of "a red circle on the left and a blue square on the
+right" and of its swapped-places twin are nearly identical per token, so a word carries no
+trace of its place (docs/shapes.md, "A context-mixing layer"). The mixer starts as the
+identity (its output projections are zero) and is saved beside the sink (``mix.*`` keys of
+sink.safetensors, `mixer_state`/`load_mixer_state`).
 """
 
 from __future__ import annotations
@@ -67,6 +75,8 @@ class SinkTextConfig(PretrainedConfig):  # type: ignore[no-untyped-call]  # tran
         special_token_ids: tuple[int, ...] = (0, 100, 101, 102, 103),
         end_token_id: int = 102,
         pad_mode: str = "zero",
+        mix_layers: int = 0,
+        max_length: int = MAX_LENGTH,
         **kwargs: Any,
     ) -> None:
         if pad_mode not in PAD_MODES:
@@ -79,6 +89,49 @@ class SinkTextConfig(PretrainedConfig):  # type: ignore[no-untyped-call]  # tran
         self.special_token_ids = list(special_token_ids)
         # "zero": end and pad positions are zero vectors; "sink": copies of the sink vector
         self.pad_mode = pad_mode
+        # trainable context-mixing layers on MiniLM's states (ContextMixer); 0: none
+        self.mix_layers = mix_layers
+        self.max_length = max_length
+
+
+MIX_PREFIX = "mix."  # the mixer's keys in sink.safetensors
+
+
+class ContextMixer(nn.Module):
+    """Trainable context mixing on frozen token states: ``layers`` pre-norm transformer
+    encoder layers (6 heads, feed-forward 768, no dropout) over the non-pad tokens, with a
+    learned absolute position embedding added to their input; the layers' change is added
+    to the states, ``states + (mixed - input)``. The attention and feed-forward output
+    projections start at zero, so at initialisation each layer returns its input and the
+    mixer is exactly the identity."""
+
+    def __init__(self, hidden: int = 384, layers: int = 1, max_length: int = MAX_LENGTH, heads: int = 6,
+                 feedforward: int = 768):
+        super().__init__()
+        self.position = nn.Parameter(torch.randn(max_length, hidden) * 0.02)
+        built = [
+            nn.TransformerEncoderLayer(d_model=hidden, nhead=heads, dim_feedforward=feedforward, dropout=0.0,
+                                       batch_first=True, norm_first=True)
+            for _ in range(layers)
+        ]
+        with torch.no_grad():
+            for layer in built:
+                for projection in (layer.self_attn.out_proj, layer.linear2):
+                    nn.init.zeros_(projection.weight)
+                    nn.init.zeros_(projection.bias)
+        self.layers = nn.ModuleList(built)
+
+    def forward(self, input_ids: torch.Tensor, states: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+        """states (B, T, H) -> (B, T, H); positions past the longest unpadded prefix are
+        returned unchanged, pads are masked out as keys."""
+        pad = input_ids == pad_token_id
+        length = max(int((~pad).sum(1).max()), 1)
+        x = states[:, :length] + self.position[:length].to(states.dtype)
+        h = x
+        for layer in self.layers:
+            h = layer(h, src_key_padding_mask=pad[:, :length])
+        delta = h - x
+        return torch.cat([states[:, :length] + delta, states[:, length:]], dim=1)
 
 
 class SinkEncoderBase(PreTrainedModel):  # type: ignore[no-untyped-call]  # transformers' __init_subclass__
@@ -134,9 +187,38 @@ class SinkTextEncoder(SinkEncoderBase):  # type: ignore[no-untyped-call]  # tran
 
     config_class = SinkTextConfig
 
+    def __init__(self, config: SinkTextConfig, bert: BertModel | None = None):
+        super().__init__(config, bert)
+        layers = int(getattr(config, "mix_layers", 0))
+        self.mixer: ContextMixer | None = (
+            ContextMixer(config.hidden_size, layers, getattr(config, "max_length", MAX_LENGTH)) if layers > 0 else None
+        )
+
     @classmethod
-    def create(cls, tokenizer: BertTokenizerFast, pad_mode: str = "zero") -> SinkTextEncoder:
-        return cls(SinkTextConfig(hidden_size=384, pad_mode=pad_mode, **token_ids(tokenizer)))
+    def create(cls, tokenizer: BertTokenizerFast, pad_mode: str = "zero", mix_layers: int = 0) -> SinkTextEncoder:
+        return cls(SinkTextConfig(hidden_size=384, pad_mode=pad_mode, mix_layers=mix_layers,
+                                  max_length=tokenizer.model_max_length, **token_ids(tokenizer)))
+
+    def mix(self, input_ids: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """MiniLM's states through the context mixer (unchanged without one)."""
+        if self.mixer is None:
+            return states
+        mixed: torch.Tensor = self.mixer(input_ids, states, self.config.pad_token_id)
+        return mixed
+
+    def mixer_state(self, mixer: ContextMixer | None = None) -> dict[str, torch.Tensor]:
+        """The mixer's (or a copy's, e.g. its EMA) tensors under ``mix.*`` keys; {} without one."""
+        mixer = self.mixer if mixer is None else mixer
+        return {} if mixer is None else {MIX_PREFIX + k: v for k, v in mixer.state_dict().items()}
+
+    def load_mixer_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load the ``mix.*`` tensors of a sink file; ValueError when they and the config disagree."""
+        state = {k[len(MIX_PREFIX):]: v.float() for k, v in tensors.items() if k.startswith(MIX_PREFIX)}
+        if self.mixer is None:
+            if state:
+                raise ValueError("the sink file holds a context mixer but the config has mix_layers=0")
+            return
+        self.mixer.load_state_dict(state)
 
     def token_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """MiniLM's last hidden states (B, T, 384), zero past the longest unpadded prefix."""
@@ -149,7 +231,7 @@ class SinkTextEncoder(SinkEncoderBase):  # type: ignore[no-untyped-call]  # tran
         output_hidden_states: bool | None = None,
     ) -> BaseModelOutput:
         # attention_mask is ignored: padding is recognised from the ids themselves
-        hidden = self.assemble(input_ids, self.token_states(input_ids))
+        hidden = self.assemble(input_ids, self.mix(input_ids, self.token_states(input_ids)))
         return BaseModelOutput(
             last_hidden_state=hidden,
             hidden_states=(hidden,) if output_hidden_states else None,

@@ -18,6 +18,13 @@ maps (docs/shapes.md, the sink-pads variant: 2,900 steps on two-thing scenes wit
 caption order left maps at ratio 0.9-1.1), so the world alone is not expected to make maps
 local within this budget.
 
+Context mixing (``--mix-layers N``, default 0: off): N trainable transformer encoder layers
+with a learned position embedding on MiniLM's states (text_encoder.ContextMixer), identity
+at the start, trained with the UNet and the sink; saved as ``mix.*`` tensors in
+sink.safetensors and ``mix_layers`` in model.json, which load_pipeline reads.
+``--warm-start`` may name any folder with unet.safetensors and sink.safetensors, e.g. the
+shipped two-cell weights gie_guard/shapes/weights/two.
+
 Weights are written to DIR in float16 (EMA) every ``--save-every`` steps and at the
 ``--minutes`` cap, with model.json, so a partial run is loadable:
 ``load_pipeline(world="two", weights_dir=DIR)``. Ship by copying DIR's unet.safetensors,
@@ -27,6 +34,7 @@ sink.safetensors and model.json into gie_guard/shapes/weights/two/.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import pathlib
@@ -218,15 +226,23 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "pool": args.pool,
         "lr": args.lr,
     }
+    if args.mix_layers > 0:  # absent otherwise: model.json as before
+        meta["mix_layers"] = args.mix_layers
     (args.out / "model.json").write_text(json.dumps(meta, indent=1))
 
     tokenizer = load_tokenizer()
-    encoder = SinkTextEncoder.create(tokenizer)
+    encoder = SinkTextEncoder.create(tokenizer, mix_layers=args.mix_layers)
     torch.manual_seed(int(rng.integers(2**31)))
     unet = new_unet(LATENT_HW)
     unet.load_state_dict({k: v.float() for k, v in load_file(warm / "unet.safetensors").items()})
+    warm_sink = load_file(warm / "sink.safetensors")
     with torch.no_grad():
-        encoder.sink.copy_(load_file(warm / "sink.safetensors")["sink"].float())
+        encoder.sink.copy_(warm_sink["sink"].float())
+    if any(k.startswith("mix.") for k in warm_sink):  # a warm start that has a mixer continues it
+        encoder.load_mixer_state(warm_sink)
+    ema_mixer = copy.deepcopy(encoder.mixer)
+    if ema_mixer is not None:
+        ema_mixer.requires_grad_(False)
     ema = new_unet(LATENT_HW)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
@@ -237,7 +253,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             name: recorder if name.endswith("attn2.processor") else proc
             for name, proc in unet.attn_processors.items()
         })
-    params = list(unet.parameters()) + [encoder.sink]
+    mixer_params = [] if encoder.mixer is None else list(encoder.mixer.parameters())
+    params = list(unet.parameters()) + [encoder.sink] + mixer_params
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     warmup: int = min(50, int(args.steps))
 
@@ -250,9 +267,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     noise_sched = train_scheduler()
     texts = TokenStates(encoder, tokenizer)
     averages = list(zip(ema.parameters(), unet.parameters())) + [(ema_sink, encoder.sink)]
+    if ema_mixer is not None and encoder.mixer is not None:
+        averages += list(zip(ema_mixer.parameters(), encoder.mixer.parameters()))
     def save(step: int) -> None:
         save_file(half_state(ema), args.out / "unet.safetensors")
-        save_file({"sink": ema_sink.half()}, args.out / "sink.safetensors")
+        mix = {k: v.half().contiguous() for k, v in encoder.mixer_state(ema_mixer).items()}
+        save_file({"sink": ema_sink.half(), **mix}, args.out / "sink.safetensors")
         meta.update(steps=step, steps_planned=args.steps, final_loss=progress.running,
                     final_ground_loss=progress.ground, wall_minutes=(time.time() - start) / 60)
         (args.out / "model.json").write_text(json.dumps(meta, indent=1))
@@ -268,7 +288,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         # one-thing captions repeat (a few thousand distinct): cache their MiniLM states
         cacheable = [c is None or len(c.spans) == 1 for c in caps]
         ids, states = texts(texts_, cacheable)
-        context = encoder.assemble(ids, states)  # (B, 77, 384), sink at position 0, zeros past the end
+        context = encoder.assemble(ids, encoder.mix(ids, states))  # (B, 77, 384), sink at position 0, zeros past the end
         context, mask = compress_context(ids, context, tokenizer.pad_token_id)
         x0 = latents[idx]
         noise = torch.randn_like(x0)
@@ -301,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--warm-start", type=pathlib.Path, default=None,
                     help="folder with unet.safetensors and sink.safetensors (default: the shipped weights/)")
+    ap.add_argument("--mix-layers", type=int, default=0,
+                    help="trainable context-mixing layers on MiniLM's states (0: none, the shipped model)")
     # one thread: on a shared 2-core machine two threads spin-wait on each other
     ap.add_argument("--threads", type=int, default=1)
     train(ap.parse_args(argv))
