@@ -19,9 +19,10 @@ to park attention is then the sink, used by the sink-pads variant, docs/shapes.m
 context-mixing layers (:class:`ContextMixer`) on top of the frozen MiniLM states, before
 they are assembled: MiniLM's states of "a red circle on the left and a blue square on the
 right" and of its swapped-places twin are nearly identical per token, so a word carries no
-trace of its place (docs/shapes.md, "A context-mixing layer"). The mixer starts as the
-identity (its output projections are zero) and is saved beside the sink (``mix.*`` keys of
-sink.safetensors, `mixer_state`/`load_mixer_state`).
+trace of its place. Measured, the images do not need it: the same training without it
+follows place words as well (docs/shapes.md, "A context-mixing layer"), and the shipped
+models have none. The mixer starts as the identity (its output projections are zero) and is
+saved beside the sink (``mix.*`` keys of sink.safetensors, `mixer_state`/`load_mixer_state`).
 """
 
 from __future__ import annotations
