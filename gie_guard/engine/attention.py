@@ -1,7 +1,10 @@
 """The attention maths of growth inhibitors, as pure functions on tensors.
 
-Used by the engine's attention sites, by the measurements (adapter features, reports)
-and by pictures (gie_guard.explain); nothing here knows a pipeline or a module.
+Used by the engine's attention sites (splitting heads, the prompt's masked normaliser,
+anchors' projection); nothing here knows a pipeline or a module. :func:`inhibitor` and
+:func:`concept_maps` are the per-concept form of the maths below, one concept at a time: the
+engine runs the same maths stacked over all of a site's concepts (inhibition.act), and these
+serve as its reference (tests, benchmarks/wrap_vs_fork.py).
 
 Shapes: ``q`` is ``(B, h, N, d)`` (B rows, h heads, N queries, d per head); a concept is
 keys and values ``(h, T, d)`` shared by the rows, or ``(B, h, T, d)`` per row (a joint block's
@@ -38,8 +41,6 @@ __all__ = [
     "concept_maps",
     "inhibitor",
     "masked_lse",
-    "mean_concept_map",
-    "merge_partial_attention",
     "project_off",
     "rows_of",
     "split_heads",
@@ -118,15 +119,6 @@ def masked_lse(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, *, s
     return torch.cat(lses, dim=2)
 
 
-def merge_partial_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over a union of disjoint key sets from the attention over each set:
-    ``[(out_i, lse_i)] -> (out, lse)``, exact up to rounding."""
-    lses = torch.stack([lse for _, lse in parts])  # (P, B, h, N)
-    total = torch.logsumexp(lses, dim=0)
-    out = sum(torch.exp(lse - total)[..., None].to(o.dtype) * o for o, lse in parts)
-    return out, total  # type: ignore[return-value]
-
-
 def rows_of(x: torch.Tensor, b: int) -> torch.Tensor:
     """``(h, T, ...)`` or ``(B, h, T, ...)`` -> ``(B, h, T, ...)`` (a view when expanded)."""
     return x[None].expand(b, *x.shape) if x.ndim == 3 else x
@@ -197,8 +189,3 @@ def concept_maps(
     if sink_lse is not None:
         total = torch.logaddexp(total, sink_lse.float())
     return torch.exp(logits - total[..., None])
-
-
-def mean_concept_map(q: torch.Tensor, keys: torch.Tensor, *, scale: float, sink_lse: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of one concept's ``M_c`` over rows, heads and queries: ``(T,)``."""
-    return concept_maps(q, keys, scale=scale, sink_lse=sink_lse).mean(dim=(0, 1, 2))
