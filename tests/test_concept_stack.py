@@ -116,3 +116,35 @@ def test_values_must_be_given_at_own_columns():
     positions, slots, keys, values, competing = _world(3, per_row=False, padded=False, anchors=False)
     with pytest.raises(ValueError, match="own columns"):
         stack_concepts(_plan(positions, "gie"), keys, values, slots, competing)
+
+
+class OffTokenScales:
+    """A scale source that puts a scale on slot 0 (the start token), nobody's own token."""
+
+    probe = False
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+
+    def scales(self, step: int, measured: object) -> torch.Tensor:
+        assert self.plan.token_scales is not None
+        scales = self.plan.token_scales.clone()
+        scales[:, 0] = 3.0
+        return scales
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_a_call_whose_scales_cannot_be_reproduced_is_withheld(family, sd_pipe):
+    """Fail closed end to end: the engine cannot apply a scale off the concept's own tokens,
+    so the guarded call raises instead of returning an image inhibited otherwise."""
+    from gie_guard import GuardError
+    from gie_guard.engine import compile_plan, guarded_call
+    from gie_guard.testing import dit
+
+    pipe = sd_pipe if family == "sd" else dit.tiny_sd3_pipeline()
+    plan = compile_plan(pipe, [ConceptSpec("nude", "nude", 3.0)], StepWindow(0.0, 1.0))
+    extra = {} if family == "sd" else {"height": 32, "width": 32}
+    with pytest.raises(GuardError, match="not one of its concept's own tokens"):
+        with guarded_call(pipe, plan, scale_source=OffTokenScales(plan)):
+            pipe(prompt="a photo of a beach", num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0), **extra)
