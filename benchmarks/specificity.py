@@ -124,12 +124,22 @@ METHODS: dict[str, Method] = {
                               anchors="compete"),
     "anchors-project": Method("GIE (default sink), the target's siblings as anchors, preserve_by project",
                               anchors="project"),
+    "anchors-centroid": Method("GIE (default sink), the target's siblings as anchors, preserve_by centroid: the "
+                               "inhibitor's values minus the siblings' mean value", anchors="centroid"),
+    "calibrated-centroid": Method("concept_map calibrated, the target's siblings as anchors, preserve_by centroid",
+                                  guard_options={"concept_map": "calibrated"}, anchors="centroid"),
     "calibrated": Method("GIE (default sink), concept_map calibrated: relu(M_c - M_ref), references thing/object/picture",
                          guard_options={"concept_map": "calibrated"}),
     "gated": Method("GIE (default sink), concept_map gated: only where the concept's share beats the references'",
                     guard_options={"concept_map": "gated"}),
-    "output": Method("GIE (image sink), concept_map output: ConceptAttention's output-space gate against the references",
-                     backbones=("dit",), guard_options={"concept_map": "output"}),
+    "output": Method("GIE (default sink), concept_map output: ConceptAttention's output-space gate against the "
+                     "references thing/object/picture", guard_options={"concept_map": "output"}),
+    "output-siblings": Method("GIE (default sink), concept_map output against the target's siblings: only where the "
+                              "pixel's attention output is nearer the target's than every sibling's",
+                              guard_options={"concept_map": "output"}, references="siblings"),
+    "output-siblings-held-out": Method("concept_map output against the target's siblings but the last, which is "
+                                       "measured unnamed", guard_options={"concept_map": "output"},
+                                       references="siblings-but-last"),
     "calibrated-project": Method("concept_map calibrated, the target's siblings as anchors, preserve_by project",
                                  guard_options={"concept_map": "calibrated"}, anchors="project"),
     "contrast": Method("GIE (default sink), concept_map contrast: relu(M_c - max_r M_r), the target's siblings as "

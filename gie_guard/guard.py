@@ -137,7 +137,7 @@ class Guard:
         install_log_filters()
         if sink not in _SINKS:
             raise ConfigurationError(f"sink must be one of own, prompt, image (or None), got {sink!r}")
-        for key, value, allowed in (("preserve", preserve, (None, "auto", "compete", "project", "both")),
+        for key, value, allowed in (("preserve", preserve, (None, "auto", "compete", "project", "both", "centroid")),
                                     ("controlnet", controlnet, (None, "inhibit", "skip")),
                                     ("text_states", text_states, ("ride-along", "static")),
                                     ("carry", carry, ("own", "all")),

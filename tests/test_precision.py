@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from gie_guard import Guard, PolicyError
-from gie_guard.engine.attention import inhibitor, project_off
+from gie_guard.engine.attention import centre_off, inhibitor, project_off
+from gie_guard.engine.inhibition import anchor_effects
 from gie_guard.policy import load_policy
 
 CONCEPT = {"id": "beach", "text": "beach", "scale": 8.0}
@@ -59,6 +60,33 @@ def test_projection_removes_the_anchors_span_and_keeps_the_rest():
     assert torch.allclose(orthogonal + projected, values, atol=1e-6)
 
 
+def test_centring_takes_out_the_anchors_mean_value_and_keeps_the_difference():
+    torch.manual_seed(2)
+    values = torch.randn(2, 3, 8)  # (heads, concept slots, d)
+    anchors = torch.randn(2, 4, 8)  # (heads, anchor slots, d)
+    centred = centre_off(values, anchors)
+    assert torch.allclose(centred, values - anchors.mean(dim=1, keepdim=True), atol=1e-6)
+    # an anchor whose values are the concept's own leaves nothing to inhibit; no anchors change nothing
+    same = values[:, :1].expand(2, 4, 8)
+    assert centre_off(values[:, :1], same).abs().max() < 1e-6
+    assert centre_off(values, anchors[:, :0]) is values
+
+
+def test_centroid_anchors_change_values_only_and_only_of_anchored_concepts(sd_pipe):
+    two = {"name": "precise", "inhibit_steps": [0.0, 1.0], "dedup_threshold": 0, "preserve_by": "centroid",
+           "concepts": [{**CONCEPT, "preserve": ["sand", "ocean"]}, {"id": "dog", "text": "dog", "scale": 2.0}]}
+    plan = Guard(policy=two).plan_for(sd_pipe)
+    assert plan.preserve == "centroid" and [len(a) for a in plan.concept_anchors] == [2, 0]
+    torch.manual_seed(3)
+    values = [torch.randn(2, 77, 8), torch.randn(2, 77, 8)]
+    anchor_keys, anchor_values = [torch.randn(2, 1, 8), torch.randn(2, 2, 8)], [torch.randn(2, 1, 8), torch.randn(2, 2, 8)]
+    competing, spared = anchor_effects(plan, values, anchor_keys, anchor_values)
+    assert competing == [None, None]  # the anchors do not join the concept's softmax
+    mine = torch.cat([anchor_values[a] for a in plan.concept_anchors[0]], dim=1)
+    assert torch.allclose(spared[0], values[0] - mine.mean(dim=1, keepdim=True), atol=1e-6)
+    assert spared[1] is values[1]
+
+
 # -- policy files ----------------------------------------------------------------------
 def test_anchors_are_read_deduplicated_inherited_by_aliases_and_hashed():
     snap = load_policy(policy(preserve=["ocean", "Sand"],
@@ -103,12 +131,13 @@ def test_empty_anchors_and_gating_off_are_bit_identical_to_the_engine_without_th
 def test_each_mechanism_runs_from_the_policy_and_changes_the_image(sd_pipe):
     plain = call(sd_pipe, Guard(policy=policy()))
     images = {}
-    for mechanism in ("compete", "project", "both"):
+    for mechanism in ("compete", "project", "both", "centroid"):
         guard = Guard(policy=policy(preserve_by=mechanism, concept={"preserve": ["sunset", "sand"]}))
         images[mechanism] = call(sd_pipe, guard)
         assert guard.plan_for(sd_pipe).preserve == mechanism
         assert np.abs(images[mechanism] - plain).max() > 1e-4, mechanism
     assert np.abs(images["compete"] - images["project"]).max() > 1e-4
+    assert np.abs(images["centroid"] - images["project"]).max() > 1e-4
     # Guard(preserve=...) overrides the policy's mechanism
     override = Guard(policy=policy(preserve_by="compete", concept={"preserve": ["sunset", "sand"]}), preserve="project")
     assert np.array_equal(call(sd_pipe, override), images["project"])

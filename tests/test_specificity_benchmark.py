@@ -132,3 +132,31 @@ def test_all_kept_and_prompts() -> None:
     assert sides == {"left", "righ"}  # the first-named thing goes either way across seeds
     with pytest.raises(ValueError):
         S.kind_of("table")
+
+
+@pytest.mark.parametrize(("target", "other"), [("circle", "square"), ("red", "blue"), ("striped", "dotted")])
+def test_placed_pair_without_the_target_word(target: str, other: str) -> None:
+    words = set(S.Words.of(target).all())
+    for seed in range(20):
+        named = S.placed_pair(target, other, seed)
+        assert named == S.pair_prompt(target, other, seed, placed=True)
+        unnamed = S.placed_pair(target, other, seed, name_target=False)
+        assert not words & set(unnamed.split()), unnamed
+        assert "  " not in unnamed and unnamed.startswith("a ")
+        # only the target's thing changed: the other thing's phrase and both places are as named
+        thing, other_thing = S.pair_things(target, other, seed)
+        assert S.phrase(other_thing) in unnamed
+        for part_named, part_unnamed in zip(named.split(" and "), unnamed.split(" and ")):
+            assert part_named.rsplit(" ", 1)[1] == part_unnamed.rsplit(" ", 1)[1]  # the same place words
+    assert S.unnamed_phrase({"shape": "circle", "colour": "red", "style": "plain"}, "shape") == "a red thing"
+    assert S.unnamed_phrase({"shape": "circle", "colour": "red", "style": "dotted"}, "colour") == "a dotted circle"
+    assert S.unnamed_phrase({"shape": "circle", "colour": "red", "style": "striped"}, "style") == "a red circle"
+
+
+def test_placed_scene_names_two_different_things_and_both_places() -> None:
+    scenes = [S.placed_scene(seed) for seed in range(40)]
+    for text in scenes:
+        first, second = text.split(" and ")
+        assert {first.rsplit(" ", 1)[1], second.rsplit(" ", 1)[1]} == {"left", "right"}
+        assert first.split(" on the ")[0] != second.split(" on the ")[0]
+    assert len(set(scenes)) > 30  # drawn per seed

@@ -145,6 +145,17 @@ def project_off(values: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return projected
 
 
+def centre_off(values: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """``values`` ``(..., h, T, d)`` minus the mean of the anchors' value rows ``(..., h, n, d)``,
+    per head: what is left points from the anchors' centroid to the concept, so the inhibitor
+    removes what tells the concept from its anchors ("red" rather than "a colour") and keeps
+    its strength along that direction, where ``project_off`` takes away the whole span."""
+    if anchors.shape[-2] == 0:
+        return values
+    centred: torch.Tensor = (values.float() - anchors.float().mean(dim=-2, keepdim=True)).to(values.dtype)
+    return centred
+
+
 def inhibitor(
     q: torch.Tensor,
     concepts: Sequence[ConceptKV],

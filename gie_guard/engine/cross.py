@@ -91,6 +91,8 @@ class CrossSite:
         self.mask: torch.Tensor | None = None  # the prompt's attention mask as passed to the layer
         self.concepts: ConceptKeys | None = None  # static text: projected once per call
         self.references: inhibition.ReferenceKeys | None = None
+        # output maps: each concept's and each reference's mean own-token value, (C | R, h, d)
+        self.output_means: tuple[torch.Tensor, torch.Tensor] | None = None
         self._handles: list[Any] = []
 
     def install(self) -> None:
@@ -107,6 +109,7 @@ class CrossSite:
         self._handles.clear()
         self.query = self.key = self.mask = None
         self.concepts = self.references = None
+        self.output_means = None
 
     def state(self) -> SiteState:
         processor = self.attn.processor
@@ -150,9 +153,10 @@ class CrossSite:
         concepts = self._concepts(q.dtype)
         scale = self.attn.scale
         sink = self._prompt_lse(q, key, mask, rows, scale) if self.prompt_sink else None
+        gates = self._output_gates(out[rows]) if ctx.inhibit and self.shared.plan.concept_map == "output" else None
         try:
             result = inhibition.act(q, concepts, ctx, self.shared.plan, scale=scale, sink_lse=sink,
-                                    references=self.references)
+                                    references=self.references, gates=gates)
         except ValueError as error:
             self.shared.fail(str(error))
         nonzero = None
@@ -167,6 +171,19 @@ class CrossSite:
         return (out, *args[1:])
 
     # -- maths -------------------------------------------------------------------------------
+    def _output_gates(self, out: torch.Tensor) -> list[torch.Tensor]:
+        """Output-space saliency on a cross-attention layer: per concept ``(B_rows, N)``, True
+        where the pixel's attention output (before ``to_out``) is nearer, by dot product over
+        heads and features, the concept's mean own-token value than every reference's. A
+        concept's value is the output of a pixel that read only the concept (ConceptAttention's
+        concept output, for tokens that do not attend themselves). ``out`` ``(B_rows, N, inner)``."""
+        assert self.output_means is not None, "output maps need the references' values"
+        concept_means, reference_means = self.output_means
+        o = self._heads(out, None).float()  # (B_rows, h, N, d)
+        best_reference = torch.einsum("bhnd,rhd->bnr", o, reference_means.float()).amax(dim=-1)
+        scores = torch.einsum("bhnd,chd->bnc", o, concept_means.float())
+        return list((scores > best_reference[..., None]).unbind(dim=-1))
+
     def _heads(self, x: torch.Tensor, norm: Any) -> torch.Tensor:
         """(B, S, inner) -> (B, h, S, d) with the layer's norm where its processor applies it."""
         return attention.split_heads(x, self.attn.heads, norm, self.handler.norm_place(self.attn.processor) or "heads")
@@ -212,8 +229,12 @@ class CrossSite:
             self.concepts = stack_concepts(plan, keys, spared, slots, competing)
             references = self.shared.reference_text
             if references is not None:  # over the same kind of slots as the concepts'
-                kr = self._heads(self._keys(self._normed(references.states)), self.attn.norm_k)
+                normed_r = self._normed(references.states)
+                kr = self._heads(self._keys(normed_r), self.attn.norm_k)
                 own_r = [references.columns(p) for p in plan.reference_positions]
+                if plan.concept_map == "output":  # the concepts' own values as they are, anchors aside
+                    self.output_means = (torch.stack([v.mean(dim=-2) for v in values]),
+                                         torch.stack([v.mean(dim=-2) for v in self._own_values(normed_r, own_r, dtype)]))
                 if self.prompt_sink:  # keys over their own tokens: every column is their own
                     self.references = inhibition.ReferenceKeys(
                         keys=[kr[r][:, o].to(dtype) for r, o in enumerate(own_r)], own=[list(range(len(o))) for o in own_r])

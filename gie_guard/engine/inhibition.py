@@ -55,9 +55,11 @@ def anchor_effects(
             competing.append(None)
             spared.append(v)
             continue
-        competing.append(None if plan.preserve == "project" else torch.cat([anchor_keys[a] for a in mine], dim=-2))
-        spared.append(v if plan.preserve == "compete"
-                      else attention.project_off(v, torch.cat([anchor_values[a] for a in mine], dim=-2)))
+        compete = plan.preserve in ("compete", "both")
+        competing.append(torch.cat([anchor_keys[a] for a in mine], dim=-2) if compete else None)
+        theirs = torch.cat([anchor_values[a] for a in mine], dim=-2)
+        spared.append(v if plan.preserve == "compete" else attention.centre_off(v, theirs)
+                      if plan.preserve == "centroid" else attention.project_off(v, theirs))
     return competing, spared
 
 

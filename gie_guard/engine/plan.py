@@ -32,11 +32,12 @@ Carry = Literal["own", "all"]
 # How preservation anchors spare their neighbours: "compete" (an anchor's own tokens join each
 # concept's softmax with zero values: where the anchor attracts a pixel, the concept's map
 # shrinks), "project" (the concept's inhibitor values lose their component in the span of the
-# anchors' values, per layer and head), or "both".
-Preserve = Literal["compete", "project", "both"]
+# anchors' values, per layer and head), "both", or "centroid" (the concept's inhibitor values
+# minus the mean of the anchors' values: what tells the concept from them keeps its strength).
+Preserve = Literal["compete", "project", "both", "centroid"]
 # "auto": the mechanism measured best for the family (docs/precision.md): project on joint
 # attention (SD3, Flux), compete on cross-attention (UNet, PixArt, Sana)
-PreserveChoice = Literal["auto", "compete", "project", "both"]
+PreserveChoice = Literal["auto", "compete", "project", "both", "centroid"]
 # ControlNets read the prompt through cross-attention of their own: "inhibit" puts the concepts'
 # inhibitors there too (their residuals then do not carry the concept back), "skip" leaves them.
 ControlNetMode = Literal["inhibit", "skip"]
@@ -46,9 +47,10 @@ SINKS = {"cross": ("own", "prompt"), "joint": ("image", "prompt")}
 # excess of each own token's map over the reference texts' mean per-token map, the references
 # riding alongside in the same softmax structure, so a word attended like any word inhibits
 # nothing), "gated" (M_c, only at the image positions where the concept's mean per-token share
-# exceeds the references', heads averaged: a localized gate), "output" (joint families: M_c,
-# only at the image positions whose attention output is nearer, by dot product, the concept
-# tokens' output than every reference's, after ConceptAttention), "contrast" (relu(M_c -
+# exceeds the references', heads averaged: a localized gate), "output" (M_c, only at the image
+# positions whose attention output is nearer, by dot product, the concept's own-token mean
+# value at that layer than every reference's: the output of a pixel that read only the concept,
+# after ConceptAttention's output-space saliency), "contrast" (relu(M_c -
 # max_r M_r): only the excess over the strongest reference, for references that are the
 # neighbours a concept must spare, e.g. its siblings)
 ConceptMap = Literal["gie", "calibrated", "gated", "output", "contrast"]
@@ -182,15 +184,12 @@ def compile_plan(
         raise ConceptError(f"{len(active)} concepts to inhibit; at most {MAX_CONCEPTS} fit one plan")
     if controlnet not in ("inhibit", "skip"):
         raise ConfigurationError(f"controlnet must be inhibit or skip, got {controlnet!r}")
-    if preserve not in ("auto", "compete", "project", "both"):
-        raise ConfigurationError(f"preserve must be auto, compete, project or both, got {preserve!r}")
+    if preserve not in ("auto", "compete", "project", "both", "centroid"):
+        raise ConfigurationError(f"preserve must be auto, compete, project, both or centroid, got {preserve!r}")
     mechanism: Preserve = preserve if preserve != "auto" else ("project" if family.joint else "compete")
     chosen: ConceptMap = family.default_map if concept_map == "auto" else concept_map  # type: ignore[assignment]
     if chosen not in MAPS:
         raise ConfigurationError(f"concept_map must be auto or one of {', '.join(MAPS)}, got {concept_map!r}")
-    if chosen == "output" and not family.joint:
-        raise ConfigurationError(f"concept_map 'output' needs the concept tokens' attention outputs, which only "
-                                 f"joint-attention families have; {family.name} is not one")
     reference_texts = tuple(DEFAULT_REFERENCES if references is None else references)
     if chosen != "gie" and not reference_texts:
         raise ConfigurationError(f"concept_map {chosen!r} compares with reference texts; none were given")

@@ -141,9 +141,10 @@ class Verify(_Frozen):
 
 # How preservation anchors spare a concept's neighbours (gie_guard/engine/plan.py, docs/precision.md):
 # "compete" (anchors compete with the concept for pixels), "project" (inhibitor values lose their
-# component along the anchors' values), "both"; "auto" (default): the family's measured best,
-# project on joint attention (SD3, Flux), compete elsewhere.
-PreserveBy = Literal["auto", "compete", "project", "both"]
+# component along the anchors' values), "both", "centroid" (inhibitor values minus the mean of the
+# anchors' values: only what tells the concept from its anchors is removed); "auto" (default): the
+# family's measured best, project on joint attention (SD3, Flux), compete elsewhere.
+PreserveBy = Literal["auto", "compete", "project", "both", "centroid"]
 
 
 class Presence(_Frozen):

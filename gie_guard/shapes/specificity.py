@@ -97,12 +97,33 @@ def pair_prompt(target: str, other: str, seed: int, *, placed: bool = False) -> 
     two-cell models learned place-less pairs in random order (world_two.py). ``placed``: "a red
     circle on the left and a blue square on the right", which thing goes left and which is
     named first drawn from the seed too."""
+    if placed:
+        return placed_pair(target, other, seed)
     a, b = pair_things(target, other, seed)
     first, second = (a, b) if np.random.default_rng([3, seed]).random() < 0.5 else (b, a)
-    if not placed:
-        return f"{phrase(first)} and {phrase(second)}"
+    return f"{phrase(first)} and {phrase(second)}"
+
+
+def unnamed_phrase(thing: dict[str, str], kind: str) -> str:
+    """``thing``'s phrase without its ``kind``'s word: a shape becomes "thing" ("a red
+    thing"), a colour or style is left unsaid ("a circle")."""
+    if kind == "shape":
+        return phrase(thing, {"shape": "thing"})
+    said = [thing["colour"] if kind != "colour" else "", thing["style"] if kind != "style" and thing["style"] != "plain"
+            else "", thing["shape"]]
+    return " ".join(["a", *(word for word in said if word)])
+
+
+def placed_pair(target: str, other: str, seed: int, *, name_target: bool = True) -> str:
+    """:func:`pair_prompt` with places named (the same prompt for the same seed);
+    ``name_target=False`` says the target's thing without the target's word
+    ("a red thing on the left and a blue square on the right"): the prompt of an img2img call
+    whose input holds the target."""
+    a, b = pair_things(target, other, seed)
+    text = {id(a): phrase(a) if name_target else unnamed_phrase(a, kind_of(target)), id(b): phrase(b)}
+    first, second = (a, b) if np.random.default_rng([3, seed]).random() < 0.5 else (b, a)
     places = ("left", "right") if np.random.default_rng([5, seed]).random() < 0.5 else ("right", "left")
-    return f"{phrase(first)} on the {places[0]} and {phrase(second)} on the {places[1]}"
+    return f"{text[id(first)]} on the {places[0]} and {text[id(second)]} on the {places[1]}"
 
 
 def various_prompt(seed: int) -> str:
@@ -115,6 +136,18 @@ def various_prompt(seed: int) -> str:
     while second == first:
         second = _thing(rng, {}, set())
     return f"{phrase(first)} and {phrase(second)}"
+
+
+def placed_scene(seed: int) -> str:
+    """Two different things the seed draws, each at a named place ("a red circle on the left
+    and a blue dotted square on the right")."""
+    rng = np.random.default_rng([6, seed])
+    first = _thing(rng, {}, set())
+    second = first
+    while second == first:
+        second = _thing(rng, {}, set())
+    places = ("left", "right") if rng.random() < 0.5 else ("right", "left")
+    return f"{phrase(first)} on the {places[0]} and {phrase(second)} on the {places[1]}"
 
 
 def shows(cells: Cells, attribute: str) -> bool:
