@@ -22,9 +22,21 @@ detector labels each cell of the image with the attributes it shows. Per word:
 - heads over 2: the share of (site, head) pairs whose own / sibling ratio exceeds 2;
 - for `zqxv`: its mean over every cell, and that over the attribute words' mean "own".
 
+``--quantity residual`` asks it of each layer's input (the residual stream, normed), against
+what each word's value would write into it (through ``to_out``).
+
+``--quantity output`` (UNet) asks the same of the attention *outputs* instead of the maps, as
+``concept_map="output"`` reads them: at each cross-attention layer, whether a pixel's output
+(before ``to_out``) is nearer, by dot product, the word's mean own-token value than every
+sibling's. Per word: the share of pixels where it wins among its kind on the cells that show it
+("own") and on the cells that show a sibling ("sibling"), averaged over layers, and the layer
+where the difference is largest; for `zqxv`, the share of pixels where it beats every
+attribute word.
+
     python benchmarks/map_content.py --backbone dit --seeds 0:48 --out DIR
     python benchmarks/map_content.py --backbone unet --seeds 0:48 --out DIR
     python benchmarks/map_content.py --sink prompt --seeds 0:48 --out DIR   # the prompt's keys compete
+    python benchmarks/map_content.py --backbone unet --quantity output --seeds 0:48 --out DIR
     python benchmarks/map_content.py --backbone unet --smoke --out DIR   # seconds (CI)
 
 Writes DIR/results.json and DIR/results.md.
@@ -114,6 +126,119 @@ def word_rows(maps: np.ndarray, labels: Sequence[Sequence[set[str]]], words: Seq
     return out
 
 
+class CellOutputs:
+    """Hooks on a UNet's cross-attention layers: at one step, per layer, each pixel's attention
+    output (conditional rows) against each word's mean own-token value, per cell: the share of
+    the cell's pixels where the word beats all others of its kind, and where `zqxv` beats every
+    attribute word."""
+
+    def __init__(self, pipe: Any, plan: Any, step: int, *, residual: bool = False) -> None:
+        self.step, self.current = step, -1
+        self.by_site: dict[str, list[np.ndarray]] = {}  # site -> per call (rows, words, cells)
+        kinds = [S.KINDS[S.kind_of(w)] for w in ATTRIBUTES]
+        self.rivals = [[WORDS.index(v) for v in kind] for kind in kinds]  # per attribute word: its kind
+        self._handles = []
+        for name in plan.site_names:
+            attn = pipe.unet.get_submodule(name)
+            with torch.no_grad():  # (W, h * d): each word's mean value over its own tokens
+                values = torch.stack([attn.to_v(plan.embeddings[w, list(plan.token_positions[w])]).mean(0)
+                                      for w in range(len(WORDS))])
+            if residual:  # the layer's input against what each word's value would write into it
+                values = values @ attn.to_out[0].weight.detach().T  # (W, query_dim)
+            module = attn if residual else attn.to_out[0]
+            self._handles.append(module.register_forward_pre_hook(self._hook(name, values)))
+
+    def _hook(self, name: str, values: torch.Tensor) -> Any:
+        def hook(_module: Any, args: tuple[Any, ...]) -> None:
+            if self.current != self.step:
+                return
+            out = args[0][args[0].shape[0] // 2:]  # (rows, N, inner): the conditional half of the CFG batch
+            scores = out @ values.T  # (rows, N, W): summed over heads and features
+            rows, n, _ = scores.shape
+            side = int(round((n / 2) ** 0.5))
+            wins = [(scores[..., w] >= scores[..., kind].amax(-1)).float() for w, kind in zip(range(len(ATTRIBUTES)), self.rivals)]
+            null = WORDS.index(NULL_CONCEPT)
+            wins.append((scores[..., null] > scores[..., : len(ATTRIBUTES)].amax(-1)).float())
+            grid = torch.stack(wins, 1).reshape(rows, len(wins), side, 2 * side)
+            self.by_site.setdefault(name, []).append(
+                torch.stack([grid[..., :side].mean((-1, -2)), grid[..., side:].mean((-1, -2))], -1).numpy())
+        return hook
+
+    def on_step(self, _pipe: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        self.current = step + 1  # the step about to run
+        return kwargs
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def output_rows(by_site: dict[str, np.ndarray], labels: Sequence[Sequence[set[str]]]) -> list[dict[str, Any]]:
+    """Per attribute word, from ``by_site`` (site -> (images, words + null, cells) win shares)."""
+    found = [cell for image in labels for cell in image]
+    sites = list(by_site)
+    out: list[dict[str, Any]] = []
+    for w, word in enumerate(ATTRIBUTES):
+        sib = set(S.siblings(word))
+        own = np.array([word in f for f in found])
+        other = np.array([bool(sib & f) and word not in f for f in found])
+        row: dict[str, Any] = {"word": word, "kind": S.kind_of(word), "n_own": int(own.sum()), "n_sibling": int(other.sum())}
+        if own.any() and other.any():
+            per = np.array([[by_site[s][:, w].reshape(-1)[own].mean(), by_site[s][:, w].reshape(-1)[other].mean()]
+                            for s in sites])  # (sites, 2)
+            best = int(np.argmax(per[:, 0] - per[:, 1]))
+            row.update(own=float(per[:, 0].mean()), sibling=float(per[:, 1].mean()), best_site=sites[best],
+                       best_own=float(per[best, 0]), best_sibling=float(per[best, 1]))
+        out.append(row)
+    null = float(np.mean([by_site[s][:, len(ATTRIBUTES)].mean() for s in sites]))
+    out.append({"word": NULL_CONCEPT, "kind": "null", "beats_every_word": null})
+    return out
+
+
+def measure_outputs(seeds: Sequence[int], step: int, steps: int, log: Any, *, residual: bool = False) -> dict[str, Any]:
+    pipe = load_pipeline(world="two", backbone="unet")
+    pipe.set_progress_bar_config(disable=True)
+    detector = load_detector()
+    policy = {"name": "map-content", "dedup_threshold": 0.0, "inhibit_steps": [0.0, 1.0],
+              "concepts": [{"id": w, "text": w, "scale": 1.0} for w in WORDS]}
+    plan = Guard(policy=policy, exclusive=False).plan_for(pipe)  # only for the concepts' encodings
+    probe = CellOutputs(pipe, plan, step, residual=residual)
+    labels: list[list[set[str]]] = []
+    try:
+        for lo in range(0, len(seeds), BATCH):
+            part = list(seeds[lo:lo + BATCH])
+            probe.current = 0
+            with torch.no_grad():
+                images = pipe(prompt=[S.placed_scene(s) for s in part], num_inference_steps=steps,
+                              guidance_scale=GUIDANCE, generator=[torch.Generator().manual_seed(s) for s in part],
+                              output_type="np", height=HEIGHT, width=WIDTH, callback_on_step_end=probe.on_step).images
+            labels += [[cells[c] for c in CELLS] for cells in detect_cells(detector, np.round(images * 255).astype(np.uint8))]
+            log(f"unet outputs: {len(labels)}/{len(seeds)} images")
+    finally:
+        probe.remove()
+    by_site = {s: np.concatenate(parts, 0) for s, parts in probe.by_site.items()}
+    return {"backbone": "unet", "quantity": "residual" if residual else "output", "step": step, "steps": steps, "images": len(labels),
+            "sites": list(by_site), "words": output_rows(by_site, labels)}
+
+
+def output_markdown(result: dict[str, Any]) -> list[str]:
+    what = ("layer inputs (the residual stream) against values through to_out" if result["quantity"] == "residual"
+            else "attention outputs against values")
+    lines = [f"## unet, {what} (step {result['step']} of {result['steps']}, "
+             f"{result['images']} images)\n",
+             "| word | kind | wins among its kind: own cells | sibling cells | best layer | there: own / sibling | cells own / sibling |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["words"]:
+        if r["kind"] == "null":
+            lines.append(f"\n`{NULL_CONCEPT}` beats every attribute word on {r['beats_every_word']:.3f} of pixels.\n")
+        elif "own" not in r:
+            lines.append(f"| {r['word']} | {r['kind']} | - | - | - | - | {r['n_own']} / {r['n_sibling']} |")
+        else:
+            lines.append(f"| {r['word']} | {r['kind']} | {r['own']:.2f} | {r['sibling']:.2f} | {r['best_site']} | "
+                         f"{r['best_own']:.2f} / {r['best_sibling']:.2f} | {r['n_own']} / {r['n_sibling']} |")
+    return lines
+
+
 def measure(backbone: str, seeds: Sequence[int], step: int, steps: int, log: Any, sink: str | None = None) -> dict[str, Any]:
     pipe = load_pipeline(world="two", backbone=backbone)
     pipe.set_progress_bar_config(disable=True)
@@ -165,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=10, help="the denoising step observed (0-based)")
     parser.add_argument("--sink", default=None, choices=("own", "prompt", "image"),
                         help="the maps' sink (default: the family's, as the guard would use)")
+    parser.add_argument("--quantity", default="maps", choices=("maps", "output", "residual"),
+                        help="maps: the concepts' maps (default); output: attention outputs against values (UNet); "
+                             "residual: the layers' inputs against the values through to_out (UNet)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=pathlib.Path, required=True)
     parser.add_argument("--smoke", action="store_true", help="4 images, 4 steps, step 2: seconds (CI)")
@@ -181,12 +309,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
     backbones = ("unet", "dit") if args.backbone == "both" else (args.backbone,)
-    results = [measure(b, list(range(start, end)), args.step, args.steps, log, args.sink) for b in backbones]
+    if args.quantity != "maps" and backbones != ("unet",):
+        parser.error(f"--quantity {args.quantity} measures the UNet's cross-attention layers: use --backbone unet")
+    if args.quantity != "maps":
+        results = [measure_outputs(list(range(start, end)), args.step, args.steps, log,
+                                   residual=args.quantity == "residual")]
+    else:
+        results = [measure(b, list(range(start, end)), args.step, args.steps, log, args.sink) for b in backbones]
     command = "python benchmarks/map_content.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = [f"# What the concept maps carry (two-cell shapes models)\n",
           f"command: `{command}`; {time.strftime('%Y-%m-%d')}, {time.perf_counter() - t0:.0f} s\n"]
     for result in results:
-        md += markdown(result)
+        md += output_markdown(result) if result.get("quantity") in ("output", "residual") else markdown(result)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "results.md").write_text("\n".join(md) + "\n")

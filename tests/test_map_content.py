@@ -84,3 +84,39 @@ def mc_words() -> tuple[str, ...]:
     from gie_guard.shapes.world import ATTRIBUTES
 
     return ATTRIBUTES
+
+
+def test_output_rows_compare_win_shares_on_own_and_sibling_cells() -> None:
+    mc = _module()
+    from gie_guard.shapes.world import ATTRIBUTES
+
+    labels = [[{"circle", "red", "plain"}, {"square", "blue", "plain"}], [set(), {"circle", "green", "dotted"}]]
+    wins = np.zeros((2, len(ATTRIBUTES) + 1, 2))  # (images, words + null, cells)
+    circle = ATTRIBUTES.index("circle")
+    wins[0, circle] = [0.9, 0.2]  # circle wins on its own cell, rarely on the square's
+    wins[1, circle] = [0.0, 0.7]
+    wins[:, -1] = 0.01
+    rows = {r["word"]: r for r in mc.output_rows({"site.a": wins, "site.b": wins * 0.5}, labels)}
+    got = rows["circle"]
+    assert (got["n_own"], got["n_sibling"]) == (2, 1)
+    assert got["own"] == pytest.approx((0.8 + 0.4) / 2) and got["sibling"] == pytest.approx((0.2 + 0.1) / 2)
+    assert got["best_site"] == "site.a" and got["best_own"] == pytest.approx(0.8)
+    assert rows["zqxv"] == {"word": "zqxv", "kind": "null", "beats_every_word": pytest.approx(0.0075)}
+
+
+@pytest.mark.parametrize("quantity", ["output", "residual"])
+def test_smoke_run_of_the_output_quantities(tmp_path: pathlib.Path, quantity: str) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--backbone", "unet", "--quantity", quantity, "--smoke",
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = json.loads((tmp_path / "results.json").read_text())
+    assert (result["quantity"], result["images"], len(result["sites"])) == (quantity, 4, 16)
+    for row in result["words"]:
+        if row["kind"] == "null":
+            assert 0.0 <= row["beats_every_word"] <= 1.0
+        elif "own" in row:
+            assert 0.0 <= row["sibling"] <= 1.0 and 0.0 <= row["own"] <= 1.0 and row["best_site"] in result["sites"]
+    refused = subprocess.run([sys.executable, str(SCRIPT), "--backbone", "dit", "--quantity", quantity, "--smoke",
+                              "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "use --backbone unet" in refused.stderr
