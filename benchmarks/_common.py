@@ -3,7 +3,9 @@ peak-memory readings and markdown tables. Nothing here is part of the library.""
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,6 +24,7 @@ __all__ = [
     "real_width_pipeline",
     "REAL_WIDTHS",
     "tiny_pipeline",
+    "write_results",
 ]
 
 # eight words every test tokenizer spells (CLIP BPE, the T5-style vocabulary, WordPiece)
@@ -75,6 +78,14 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_results(out: pathlib.Path, data: Any, lines: Sequence[str]) -> None:
+    """``out``/results.json (``data``) and ``out``/results.md (``lines``), the markdown also printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(data, indent=1))
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def median(values: Sequence[float]) -> float:

@@ -36,6 +36,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import erasure as E  # noqa: E402  (benchmarks/erasure.py)
+from _common import write_results  # noqa: E402
 
 
 def method(texts: list[str], scale: float, window: tuple[float, float], sink: str, text_states: str,
@@ -126,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['removal_held_out']:.2f} (n={r['n_held_out']}) | {r['collateral_other']:.2f} "
                   f"({r['worst_other_word']} {r['worst_other']:.2f}) | {r['kept']:.3f} | {r.get('null_kept', float('nan')):.3f} | "
                   f"{r['changed']:.3f} | {r.get('null_changed', float('nan')):.3f} |")
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-    (args.out / "results.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_results(args.out, rows, md)
     log(f"wrote {args.out}/results.md, results.json")
     return 0
 

@@ -32,7 +32,6 @@ Writes DIR/results.json and DIR/results.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -43,6 +42,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from _common import write_results  # noqa: E402
 
 from gie_guard import Guard  # noqa: E402
 from gie_guard.shapes import load_pipeline  # noqa: E402
@@ -102,12 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         STEPS, args.seeds, args.scale, args.maps = 4, "0:2", 2.0, "gie,calibrated"
     if args.scale is None:
         parser.error("--scale is required")
-    if args.world == "two":
-        return _two_cells(args, argv)
     torch.set_num_threads(args.threads)
     start, end = (int(x) for x in args.seeds.split(":"))
     window = [float(x) for x in args.window.split(",")]
     t0 = time.perf_counter()
+    if args.world == "two":
+        return _two_cells(args, argv, list(range(start, end)), window, t0)
     pipe = load_pipeline(backbone=args.backbone)
     pipe.set_progress_bar_config(disable=True)
     detector = load_detector()
@@ -133,10 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     plain_found = detector(plain)
     rows = [{"map": "unguarded", "target_survives": float(np.mean([args.target in f for f in plain_found])),
              "n": len(seeds)}]
-    for concept_map in [m.strip() for m in args.maps.split(",") if m.strip()]:
-        policy = {"name": "image-borne", "inhibit_steps": window,
-                  "concepts": [{"id": "target", "text": args.target, "scale": args.scale}]}
-        guard = Guard(policy=policy, concept_map=concept_map, exclusive=False, **_references(args))
+    for concept_map in _maps(args):
+        guard = _guard(args, concept_map, window)
         guarded = draw(lambda **kw: guard(i2i, **kw), prompt=prompt, image=images, strength=args.strength)
         after = detector(guarded)
         others = [(p - {args.target}, a - {args.target}) for p, a in zip(plain_found, after)]
@@ -144,7 +143,6 @@ def main(argv: list[str] | None = None) -> int:
                      "others_kept": float(np.mean([p <= a for p, a in others])) if others else float("nan"),
                      "n": len(seeds)})
         print(f"[{time.perf_counter() - t0:6.0f}s] {concept_map}: {rows[-1]}", file=sys.stderr, flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     md = [f"# Image-borne concepts ({args.backbone}, target {args.target!r})\n",
           f"inputs: unguarded 'a red {args.target}' images that show it, seeds {start}:{end} ({len(seeds)} kept); "
           f"img2img prompt {prompt!r}, strength {args.strength}, {STEPS} steps, guidance {GUIDANCE}; erased at scale "
@@ -153,28 +151,31 @@ def main(argv: list[str] | None = None) -> int:
           "| map | target survives | other attributes kept | n |", "|---|---|---|---|"]
     md += [f"| {r['map']} | {r['target_survives']:.2f} | {r.get('others_kept', float('nan')):.2f} | {r['n']} |"
            for r in rows]
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-    (args.out / "results.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_results(args.out, rows, md)
     return 0
 
 
-def _references(args: argparse.Namespace) -> dict[str, list[str]]:
-    if args.references is None:
-        return {}
+def _maps(args: argparse.Namespace) -> list[str]:
+    return [m.strip() for m in args.maps.split(",") if m.strip()]
+
+
+def _guard(args: argparse.Namespace, concept_map: str, window: list[float]) -> Guard:
+    """A guard erasing the target at ``--scale`` with ``concept_map`` and ``--references``."""
+    policy = {"name": "image-borne", "inhibit_steps": window, "dedup_threshold": 0.0,
+              "concepts": [{"id": "target", "text": args.target, "scale": args.scale}]}
+    references: dict[str, list[str]] = {}
     if args.references == "siblings":
-        return {"references": list(S.siblings(args.target))}
-    return {"references": [r.strip() for r in args.references.split(",") if r.strip()]}
+        references["references"] = list(S.siblings(args.target))
+    elif args.references is not None:
+        references["references"] = [r.strip() for r in args.references.split(",") if r.strip()]
+    return Guard(policy=policy, concept_map=concept_map, exclusive=False, **references)
 
 
-def _two_cells(args: argparse.Namespace, argv: list[str] | None) -> int:
+def _two_cells(args: argparse.Namespace, argv: list[str] | None, seeds: list[int], window: list[float],
+               t0: float) -> int:
     """--world two: the target beside another thing, each in its own cell."""
     other = args.other or S.siblings(args.target)[0]
     S.kind_of(args.target), S.kind_of(other)  # refuses unknown words
-    torch.set_num_threads(args.threads)
-    start, end = (int(x) for x in args.seeds.split(":"))
-    window = [float(x) for x in args.window.split(",")]
-    t0 = time.perf_counter()
     pipe = load_pipeline(world="two", backbone=args.backbone)
     pipe.set_progress_bar_config(disable=True)
     detector = load_detector()
@@ -184,7 +185,6 @@ def _two_cells(args: argparse.Namespace, argv: list[str] | None) -> int:
                    generator=[torch.Generator().manual_seed(s) for s in seeds], **kw).images
         return detect_cells(detector, np.round(out * 255).astype(np.uint8)), out
 
-    seeds = list(range(start, end))
     sources, pictures = cells(pipe, [S.placed_pair(args.target, other, s) for s in seeds], seeds, height=HEIGHT,
                               width=WIDTH)
     others = [S.pair_things(args.target, other, s)[1] for s in seeds]
@@ -201,10 +201,8 @@ def _two_cells(args: argparse.Namespace, argv: list[str] | None) -> int:
     plain, _ = cells(i2i, prompts, seeds, image=images, strength=args.strength, **size)
     rows = [{"map": "unguarded", "target_survives": float(np.mean([S.shows(c, args.target) for c in plain])),
              "n": len(seeds)}]
-    for concept_map in [m.strip() for m in args.maps.split(",") if m.strip()]:
-        policy = {"name": "image-borne", "inhibit_steps": window, "dedup_threshold": 0.0,
-                  "concepts": [{"id": "target", "text": args.target, "scale": args.scale}]}
-        guard = Guard(policy=policy, concept_map=concept_map, exclusive=False, **_references(args))
+    for concept_map in _maps(args):
+        guard = _guard(args, concept_map, window)
         after, _ = cells(lambda **kw: guard(i2i, **kw), prompts, seeds, image=images, strength=args.strength, **size)
         kept, eligible = S.other_kept(plain, after, others, other, args.target)
         removed, survivors = S.removal(plain, after, args.target)
@@ -212,10 +210,9 @@ def _two_cells(args: argparse.Namespace, argv: list[str] | None) -> int:
                      "removal": removed, "removal_n": survivors, "other_kept": kept, "other_n": eligible,
                      "n": len(seeds)})
         print(f"[{time.perf_counter() - t0:6.0f}s] {concept_map}: {rows[-1]}", file=sys.stderr, flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     md = [f"# Image-borne concepts beside other content (two-cell {args.backbone}, target {args.target!r}, "
           f"other {other!r})\n",
-          f"inputs: unguarded placed pair images that show both, seeds {start}:{end} ({len(seeds)} kept); img2img "
+          f"inputs: unguarded placed pair images that show both, seeds {args.seeds} ({len(seeds)} kept); img2img "
           f"prompt without the target's word (e.g. {prompts[0]!r}), strength {args.strength}, {STEPS} steps, "
           f"guidance {GUIDANCE}; erased at scale {args.scale:g}, window {window}, references "
           f"{args.references or 'the engine default'}; command: `python "
@@ -226,9 +223,7 @@ def _two_cells(args: argparse.Namespace, argv: list[str] | None) -> int:
     md += [f"| {r['map']} | {r['target_survives']:.2f} | "
            + (f"{r['removal']:.2f} ({r['removal_n']}) | {r['other_kept']:.2f} ({r['other_n']})" if "other_kept" in r
               else "- | -") + f" | {r['n']} |" for r in rows]
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-    (args.out / "results.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_results(args.out, rows, md)
     return 0
 
 

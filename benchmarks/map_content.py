@@ -45,12 +45,12 @@ Writes DIR/results.json and DIR/results.md.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import pathlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,6 +58,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from _common import write_results  # noqa: E402
 from gie_guard import Guard  # noqa: E402
 from gie_guard.engine.call import guarded_call  # noqa: E402
 from gie_guard.shapes import load_detector, load_pipeline  # noqa: E402
@@ -72,6 +73,45 @@ GUIDANCE = 5.0
 BATCH = 16
 
 
+def _cell_means(x: torch.Tensor) -> torch.Tensor:
+    """``(..., N)`` over a site's latent grid (twice as wide as high) -> ``(..., 2)``: the mean
+    over the left cell and over the right cell."""
+    side = int(round((x.shape[-1] / 2) ** 0.5))
+    grid = x.reshape(*x.shape[:-1], side, 2 * side)
+    return torch.stack([grid[..., :side].mean((-1, -2)), grid[..., side:].mean((-1, -2))], -1)
+
+
+def _cells_of(word: str, found: Sequence[set[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Masks over ``found`` (per cell, its attributes): the cells that show ``word``, and the
+    cells that show one of its siblings and not it."""
+    sib = set(S.siblings(word))
+    return (np.array([word in f for f in found]), np.array([bool(sib & f) and word not in f for f in found]))
+
+
+def _words_plan(pipe: Any, sink: str | None = None) -> Any:
+    """The plan of every word of WORDS as a concept (scale 1, never merged) for ``pipe``."""
+    policy = {"name": "map-content", "dedup_threshold": 0.0, "inhibit_steps": [0.0, 1.0],
+              "concepts": [{"id": w, "text": w, "scale": 1.0} for w in WORDS]}
+    return Guard(policy=policy, exclusive=False, sink=sink).plan_for(pipe)
+
+
+def _scene_labels(pipe: Any, seeds: Sequence[int], steps: int, log: Any, name: str,
+                  around: Callable[[], contextlib.AbstractContextManager[dict[str, Any]]]) -> list[list[set[str]]]:
+    """Generates the placed scenes of ``seeds`` in batches, each inside ``around()`` (which
+    yields extra call arguments), and returns per image, per cell, what the detector finds."""
+    detector = load_detector()
+    labels: list[list[set[str]]] = []
+    for lo in range(0, len(seeds), BATCH):
+        part = list(seeds[lo:lo + BATCH])
+        with around() as extra:
+            images = pipe(prompt=[S.placed_scene(s) for s in part], num_inference_steps=steps, guidance_scale=GUIDANCE,
+                          generator=[torch.Generator().manual_seed(s) for s in part], output_type="np",
+                          height=HEIGHT, width=WIDTH, **extra).images
+        labels += [[cells[c] for c in CELLS] for cells in detect_cells(detector, np.round(images * 255).astype(np.uint8))]
+        log(f"{name}: {len(labels)}/{len(seeds)} images")
+    return labels
+
+
 class CellMaps:
     """Observer: at one step, each word's map averaged over each cell, per site and head."""
 
@@ -82,12 +122,7 @@ class CellMaps:
     def on_maps(self, step: int, site: Any, shares: list[torch.Tensor]) -> None:
         if step != self.step:
             return
-        per_word = []
-        for share in shares:  # (rows, h, N), N = the site's latent grid, twice as wide as high
-            rows, heads, n = share.shape
-            side = int(round((n / 2) ** 0.5))
-            grid = share.reshape(rows, heads, side, 2 * side)
-            per_word.append(torch.stack([grid[..., :side].mean((-1, -2)), grid[..., side:].mean((-1, -2))], -1))
+        per_word = [_cell_means(share) for share in shares]  # each (rows, h, N) -> (rows, h, 2)
         self.by_site.setdefault(site.name, []).append(torch.stack(per_word, 1).numpy())
 
     def array(self) -> tuple[list[str], np.ndarray]:
@@ -106,9 +141,7 @@ def word_rows(maps: np.ndarray, labels: Sequence[Sequence[set[str]]], words: Seq
     for w, word in enumerate(words):
         if word == NULL_CONCEPT:
             continue
-        sib = set(S.siblings(word))
-        own = np.array([word in f for f in found])
-        other = np.array([bool(sib & f) and word not in f for f in found])
+        own, other = _cells_of(word, found)
         row: dict[str, Any] = {"word": word, "kind": S.kind_of(word), "n_own": int(own.sum()), "n_sibling": int(other.sum())}
         if own.any() and other.any():
             m = flat[:, w]  # (sites, heads, cells)
@@ -154,19 +187,21 @@ class CellOutputs:
                 return
             out = args[0][args[0].shape[0] // 2:]  # (rows, N, inner): the conditional half of the CFG batch
             scores = out @ values.T  # (rows, N, W): summed over heads and features
-            rows, n, _ = scores.shape
-            side = int(round((n / 2) ** 0.5))
-            wins = [(scores[..., w] >= scores[..., kind].amax(-1)).float() for w, kind in zip(range(len(ATTRIBUTES)), self.rivals)]
+            wins = [(scores[..., w] >= scores[..., kind].amax(-1)).float() for w, kind in enumerate(self.rivals)]
             null = WORDS.index(NULL_CONCEPT)
             wins.append((scores[..., null] > scores[..., : len(ATTRIBUTES)].amax(-1)).float())
-            grid = torch.stack(wins, 1).reshape(rows, len(wins), side, 2 * side)
-            self.by_site.setdefault(name, []).append(
-                torch.stack([grid[..., :side].mean((-1, -2)), grid[..., side:].mean((-1, -2))], -1).numpy())
+            self.by_site.setdefault(name, []).append(_cell_means(torch.stack(wins, 1)).numpy())  # (rows, W + 1, 2)
         return hook
 
     def on_step(self, _pipe: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         self.current = step + 1  # the step about to run
         return kwargs
+
+    @contextlib.contextmanager
+    def call(self) -> Iterator[dict[str, Any]]:
+        """Around one pipeline call: counts its steps from 0 (the call argument it needs)."""
+        self.current = 0
+        yield {"callback_on_step_end": self.on_step}
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -179,9 +214,7 @@ def output_rows(by_site: dict[str, np.ndarray], labels: Sequence[Sequence[set[st
     sites = list(by_site)
     out: list[dict[str, Any]] = []
     for w, word in enumerate(ATTRIBUTES):
-        sib = set(S.siblings(word))
-        own = np.array([word in f for f in found])
-        other = np.array([bool(sib & f) and word not in f for f in found])
+        own, other = _cells_of(word, found)
         row: dict[str, Any] = {"word": word, "kind": S.kind_of(word), "n_own": int(own.sum()), "n_sibling": int(other.sum())}
         if own.any() and other.any():
             per = np.array([[by_site[s][:, w].reshape(-1)[own].mean(), by_site[s][:, w].reshape(-1)[other].mean()]
@@ -198,22 +231,9 @@ def output_rows(by_site: dict[str, np.ndarray], labels: Sequence[Sequence[set[st
 def measure_outputs(seeds: Sequence[int], step: int, steps: int, log: Any, *, residual: bool = False) -> dict[str, Any]:
     pipe = load_pipeline(world="two", backbone="unet")
     pipe.set_progress_bar_config(disable=True)
-    detector = load_detector()
-    policy = {"name": "map-content", "dedup_threshold": 0.0, "inhibit_steps": [0.0, 1.0],
-              "concepts": [{"id": w, "text": w, "scale": 1.0} for w in WORDS]}
-    plan = Guard(policy=policy, exclusive=False).plan_for(pipe)  # only for the concepts' encodings
-    probe = CellOutputs(pipe, plan, step, residual=residual)
-    labels: list[list[set[str]]] = []
+    probe = CellOutputs(pipe, _words_plan(pipe), step, residual=residual)  # the plan: only the words' encodings
     try:
-        for lo in range(0, len(seeds), BATCH):
-            part = list(seeds[lo:lo + BATCH])
-            probe.current = 0
-            with torch.no_grad():
-                images = pipe(prompt=[S.placed_scene(s) for s in part], num_inference_steps=steps,
-                              guidance_scale=GUIDANCE, generator=[torch.Generator().manual_seed(s) for s in part],
-                              output_type="np", height=HEIGHT, width=WIDTH, callback_on_step_end=probe.on_step).images
-            labels += [[cells[c] for c in CELLS] for cells in detect_cells(detector, np.round(images * 255).astype(np.uint8))]
-            log(f"unet outputs: {len(labels)}/{len(seeds)} images")
+        labels = _scene_labels(pipe, seeds, steps, log, "unet outputs", probe.call)
     finally:
         probe.remove()
     by_site = {s: np.concatenate(parts, 0) for s, parts in probe.by_site.items()}
@@ -242,20 +262,15 @@ def output_markdown(result: dict[str, Any]) -> list[str]:
 def measure(backbone: str, seeds: Sequence[int], step: int, steps: int, log: Any, sink: str | None = None) -> dict[str, Any]:
     pipe = load_pipeline(world="two", backbone=backbone)
     pipe.set_progress_bar_config(disable=True)
-    detector = load_detector()
-    policy = {"name": "map-content", "dedup_threshold": 0.0, "inhibit_steps": [0.0, 1.0],
-              "concepts": [{"id": w, "text": w, "scale": 1.0} for w in WORDS]}
-    plan = Guard(policy=policy, exclusive=False, sink=sink).plan_for(pipe)
+    plan = _words_plan(pipe, sink)
     observer = CellMaps(step)
-    labels: list[list[set[str]]] = []
-    for lo in range(0, len(seeds), BATCH):
-        part = list(seeds[lo:lo + BATCH])
+
+    @contextlib.contextmanager
+    def observed() -> Iterator[dict[str, Any]]:
         with guarded_call(pipe, plan, observers=[observer], inhibit=False):
-            images = pipe(prompt=[S.placed_scene(s) for s in part], num_inference_steps=steps, guidance_scale=GUIDANCE,
-                          generator=[torch.Generator().manual_seed(s) for s in part], output_type="np",
-                          height=HEIGHT, width=WIDTH).images
-        labels += [[cells[c] for c in CELLS] for cells in detect_cells(detector, np.round(images * 255).astype(np.uint8))]
-        log(f"{backbone}: {len(labels)}/{len(seeds)} images")
+            yield {}
+
+    labels = _scene_labels(pipe, seeds, steps, log, backbone, observed)
     sites, maps = observer.array()
     assert maps.shape[1] == len(labels), (maps.shape, len(labels))  # one row per prompt (the conditional rows)
     return {"backbone": backbone, "sink": plan.sink, "step": step, "steps": steps, "images": len(labels),
@@ -321,10 +336,7 @@ def main(argv: list[str] | None = None) -> int:
           f"command: `{command}`; {time.strftime('%Y-%m-%d')}, {time.perf_counter() - t0:.0f} s\n"]
     for result in results:
         md += output_markdown(result) if result.get("quantity") in ("output", "residual") else markdown(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    (args.out / "results.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_results(args.out, results, md)
     return 0
 
 

@@ -21,7 +21,11 @@ def _module():  # type: ignore[no-untyped-def]
     spec = importlib.util.spec_from_file_location("map_content", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(SCRIPT.parent))  # as when run as a script: benchmarks/_common.py importable
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
     return module
 
 
